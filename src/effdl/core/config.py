@@ -9,6 +9,7 @@ translate to and from a Hugging Face ``config.json`` dict.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,7 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise EffdlError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**copy.deepcopy({**PRESETS[name], **overrides}))
 
     # ----------------------------------------------------------------- HF config.json
 
@@ -167,7 +168,7 @@ class ModelConfig:
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_seq_len,
             "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
+            "rope_scaling": copy.deepcopy(self.rope_scaling),  # callers (transformers) mutate it
             "rms_norm_eps": self.norm_eps,
             "tie_word_embeddings": self.tie_embeddings,
             "hidden_act": "silu",

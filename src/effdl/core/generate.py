@@ -49,7 +49,6 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise EffdlError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
-@torch.inference_mode()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop_ids: set[int] | None = None) -> list[int]:
@@ -58,33 +57,55 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     Stops early at the model's eos id (or any id in ``stop_ids``), which is
     included in the output.
     """
+    return generate_batch(model, [prompt], max_new_tokens, temperature, top_p, top_k, seed, stop_ids)[0]
+
+
+@torch.inference_mode()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                   stop_ids: set[int] | None = None) -> list[list[int]]:
+    """``generate`` for several prompts of any lengths at once, one forward per step for all rows.
+
+    Prompts are right-padded for the prefill; each row then decodes at its own
+    position in the shared KV cache. A row that stops keeps its output; the
+    loop ends when every row has stopped or ``max_new_tokens`` is reached.
+    """
     cfg = model.config
     check_sampling(temperature, top_p, top_k)
-    if not prompt:
-        raise EffdlError("prompt is empty: give at least one token")
+    if not prompts or any(not p for p in prompts):
+        raise EffdlError("every prompt needs at least one token")
     if max_new_tokens <= 0:
         raise EffdlError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if len(prompt) >= cfg.max_seq_len:
+    longest = max(len(p) for p in prompts)
+    if longest >= cfg.max_seq_len:
         raise EffdlError(
-            f"prompt has {len(prompt)} tokens but the model's max_seq_len is {cfg.max_seq_len}; "
+            f"prompt has {longest} tokens but the model's max_seq_len is {cfg.max_seq_len}; "
             "shorten the prompt so at least one token can be generated"
         )
     stop = set(stop_ids or ()) | ({cfg.eos_id} if cfg.eos_id is not None else set())
-    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - len(prompt))
+    max_new_tokens = min(max_new_tokens, cfg.max_seq_len - longest)
     param = next(model.parameters())
     device = param.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
-    cache = KVCache.allocate(cfg, 1, len(prompt) + max_new_tokens, device=device, dtype=param.dtype)
-    tokens = torch.tensor([prompt], device=device)  # (1, T)
-    position = torch.zeros(1, dtype=torch.long, device=device)  # (1,)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        logits = model(tokens, positions=position, cache=cache)[:, -1]  # (1, V)
-        next_id = sample_next(logits, temperature, top_p, top_k, generator)  # (1,)
-        out.append(int(next_id))
-        if out[-1] in stop:
+    B = len(prompts)
+    cache = KVCache.allocate(cfg, B, longest + max_new_tokens, device=device, dtype=param.dtype)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    padded = torch.zeros(B, longest, dtype=torch.long, device=device)  # (B, T)
+    for row, p in enumerate(prompts):
+        padded[row, : len(p)] = torch.tensor(p)
+    logits = model(padded, positions=torch.zeros_like(lengths), cache=cache)  # (B, T, V)
+    logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V) at each row's last prompt token
+
+    outputs: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        next_ids = sample_next(logits, temperature, top_p, top_k, generator)  # (B,)
+        for row, token in enumerate(next_ids.tolist()):
+            if not done[row]:
+                outputs[row].append(token)
+                done[row] = token in stop
+        if all(done) or step == max_new_tokens - 1:
             break
-        position += tokens.shape[1]
-        tokens = next_id[:, None]  # (1, 1)
-    return out
+        logits = model(next_ids[:, None], positions=lengths + step, cache=cache)[:, -1]  # (B, V)
+    return outputs

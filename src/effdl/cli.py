@@ -1,0 +1,123 @@
+"""``effdl <system> <verb>``: a thin typed layer over importable functions.
+
+    effdl demo [--only STAGE] [--out DIR] [--quick]
+    effdl lm presets
+    effdl lm train [--preset tiny] [--steps N] [--seq-len T] ... [--resume DIR]
+    effdl lm generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] ...
+
+Bad input (``EffdlError``) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from effdl.errors import EffdlError
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from effdl.demo import run_demo
+
+    run_demo(args.out, only=args.only, quick=args.quick)
+
+
+def _lm_presets(args: argparse.Namespace) -> None:
+    from effdl.core.config import PRESETS, ModelConfig
+    from effdl.report import print_table
+
+    rows = []
+    for name in PRESETS:
+        c = ModelConfig.preset(name)
+        experts = f"{c.n_experts}x top-{c.experts_per_token}" if c.is_moe else "-"
+        rows.append((name, c.model_type, f"{c.num_params() / 1e6:,.1f}M", c.dim, c.n_layers,
+                     f"{c.n_heads}/{c.n_kv_heads}", c.ffn_dim, experts, c.vocab_size, c.max_seq_len))
+    print_table("model presets", ["preset", "type", "params", "dim", "layers", "heads/kv", "ffn", "experts",
+                                  "vocab", "max len"], rows)
+
+
+def _lm_train(args: argparse.Namespace) -> None:
+    from effdl.core.trainer import TrainConfig, resume_config, train
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    cfg = resume_config(args.resume, **given) if args.resume else TrainConfig(**given)
+    result = train(cfg, resume=args.resume)
+    print(f"trained to step {result.step}: val loss {result.evals[-1][1]:.4f}, "
+          f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
+
+
+def _lm_generate(args: argparse.Namespace) -> None:
+    from effdl.core.generate import generate
+    from effdl.core.hf import load_checkpoint
+    from effdl.core.tokenizer import load_tokenizer
+    from effdl.core.trainer import resolve_device
+
+    model = load_checkpoint(args.model, device=resolve_device(args.device))
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
+    prompt = tokenizer.encode(args.prompt)
+    if model.config.bos_id is not None and args.bos:
+        prompt = [model.config.bos_id, *prompt]
+    out = generate(model, prompt, args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed)
+    print(args.prompt + tokenizer.decode(out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
+    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm}")
+
+    demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
+    demo.add_argument("--only", help="run one stage (lm)")
+    demo.add_argument("--out", default="effdl-demo", help="report folder (default: effdl-demo)")
+    demo.add_argument("--quick", action="store_true", help="seconds per stage instead of ~90 (smoke test)")
+    demo.set_defaults(run=_demo)
+
+    lm = systems.add_parser("lm", help="train and sample the Llama-style language model").add_subparsers(
+        dest="verb", required=True, metavar="{presets,train,generate}")
+    lm.add_parser("presets", help="list model presets").set_defaults(run=_lm_presets)
+
+    tr = lm.add_parser("train", help="train a preset on the Python stdlib corpus; HF-format checkpoints")
+    tr.add_argument("--preset", help="model preset (see `effdl lm presets`; default tiny)")
+    tr.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
+    tr.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 256)")
+    tr.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 16)")
+    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    tr.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 20)")
+    tr.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals (default 50)")
+    tr.add_argument("--ckpt-every", dest="ckpt_every", type=int, help="steps between checkpoints (0 = end only)")
+    tr.add_argument("--out", dest="out_dir", help="output folder (default runs/lm)")
+    tr.add_argument("--seed", type=int, help="data order and init seed (default 0)")
+    tr.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    tr.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
+    tr.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
+    tr.set_defaults(run=_lm_train)
+
+    gen = lm.add_parser("generate", help="sample text from a checkpoint folder")
+    gen.add_argument("--model", required=True, help="HF-format checkpoint folder")
+    gen.add_argument("--prompt", default="def ", help="text to continue")
+    gen.add_argument("--max-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--bos", action="store_true", help="prepend the model's bos token (HF Llama checkpoints)")
+    gen.add_argument("--device", default="auto")
+    gen.set_defaults(run=_lm_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except EffdlError as e:
+        print(f"effdl: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
