@@ -34,14 +34,14 @@ def lm_stage(out_dir: Path, quick: bool) -> StageReport:
     from effdl.core.trainer import TrainConfig, train
 
     cfg = TrainConfig(preset="tiny", seq_len=64 if quick else 256, batch_size=4 if quick else 16,
-                      steps=3 if quick else 400, warmup_steps=1 if quick else 20, eval_every=0 if quick else 25,
-                      eval_batches=2 if quick else 8, max_time_s=None if quick else 60.0,
+                      steps=3 if quick else 100, warmup_steps=1 if quick else 10, eval_every=0 if quick else 20,
+                      eval_batches=2 if quick else 8, max_time_s=None if quick else 80.0,
                       out_dir=str(out_dir / "lm"))
     result = train(cfg)
     model = load_checkpoint(result.checkpoint)
     tok = ByteTokenizer()
     prompt = "def fibonacci(n):\n"
-    sample = tok.decode(generate(model, tok.encode(prompt), 48 if quick else 160, temperature=0.7, top_p=0.95,
+    sample = tok.decode(generate(model, tok.encode(prompt), 48 if quick else 160, temperature=0.9, top_p=0.9,
                                  seed=0))
     plot = line_plot(out_dir / "lm_loss.png", {
         "train": ([s for s, _ in result.losses], [v for _, v in result.losses]),
@@ -57,7 +57,7 @@ def lm_stage(out_dir: Path, quick: bool) -> StageReport:
         ("checkpoint (HF format)", str(result.checkpoint)),
     ]
     markdown = (markdown_table(["metric", "value"], rows) + f"\n![loss]({plot.name})\n\n"
-                f"Sample (temperature 0.7, top-p 0.95):\n\n```python\n{prompt}{sample}\n```\n")
+                f"Sample (temperature 0.9, top-p 0.9):\n\n```python\n{prompt}{sample}\n```\n")
     headline = f"val loss {uniform:.2f} (uniform) -> {result.evals[-1][1]:.2f} in {result.step} steps"
     return StageReport("Language model: train + generate", headline, rows, markdown, [plot])
 

@@ -55,15 +55,43 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-              xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> Path:
-    """One PNG with a line per named (xs, ys) series."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def bar_plot(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], *, title: str,
+             ylabel: str) -> Path:
+    """One PNG of grouped bars: a group per category, a bar per named series."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.2), dpi=110)
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
+        xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks(range(len(categories)), categories)
+    ax.set(title=title, ylabel=ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return _save(fig, path)
+
+
+def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+              xlabel: str, ylabel: str, logx: bool = False, logy: bool = False) -> Path:
+    """One PNG with a line per named (xs, ys) series."""
+    fig, ax = _pyplot().subplots(figsize=(7, 4.2), dpi=110)
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, label=name)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
@@ -73,12 +101,7 @@ def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequenc
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _fmt(value: Any) -> str:

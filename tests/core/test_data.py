@@ -29,7 +29,7 @@ def test_batches_are_a_function_of_step():
     assert torch.equal(x, b.batch(7)[0])
     assert not torch.equal(x, a.batch(8)[0])
     fixed = a.fixed(3)
-    assert len(fixed) == 3 and all(torch.equal(f[0], g[0]) for f, g in zip(fixed, b.fixed(3)))
+    assert len(fixed) == 3 and all(torch.equal(f[0], g[0]) for f, g in zip(fixed, b.fixed(3), strict=True))
 
 
 def test_any_sequence_length_and_errors():

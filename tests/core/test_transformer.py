@@ -111,7 +111,7 @@ def test_moe_matches_per_token_loop():
                 probs = F.softmax(moe.gate(x[b, t]), dim=-1)  # Mixtral: softmax over all, renormalise top-k
                 w, e = probs.topk(2)
                 w = w / w.sum()
-                for weight, expert in zip(w, e):
+                for weight, expert in zip(w, e, strict=True):
                     w1, w3 = moe.w13[expert].chunk(2)
                     h = F.silu(w1 @ x[b, t]) * (w3 @ x[b, t])
                     ref[b, t] += weight * (moe.w2[expert] @ h)

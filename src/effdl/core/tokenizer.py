@@ -47,9 +47,8 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def save(self, folder: str | Path) -> None:
-        from tokenizers import AddedToken
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
         from tokenizers import Tokenizer as HFTok
-        from tokenizers import decoders, models, pre_tokenizers
 
         byte_chars = _bytes_to_unicode()
         tok = HFTok(models.BPE(vocab={byte_chars[b]: b for b in range(256)}, merges=[]))

@@ -212,7 +212,7 @@ class Transformer(nn.Module):
         if cache is None:
             # Plain causal attention within the call (SDPA's is_causal) unless a window cuts it.
             local = torch.arange(T, device=tokens.device).expand(B, T)  # (B, T)
-            mask = causal_mask(local, T, window) if window is not None and T > window else None
+            mask = causal_mask(local, T, window) if window is not None and window < T else None
         else:
             if positions is None:
                 raise ValueError("decoding with a KV cache needs positions (B,): each row's current length")

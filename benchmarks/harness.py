@@ -1,0 +1,63 @@
+"""Shared benchmark plumbing: warm-up + repeated timing, a machine header, JSON + PNG under results/."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from effdl.report import machine_info, print_table
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Timing:
+    median_s: float
+    p25_s: float
+    p75_s: float
+    samples: list[float]
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median."""
+        return (self.p75_s - self.p25_s) / self.median_s
+
+
+def time_it(fn: Callable[[], Any], warmup: int = 2, repeat: int = 7) -> Timing:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times timed (wall clock, CUDA synchronised)."""
+    import torch
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
+    return Timing(statistics.median(samples), q[0], q[2], samples)
+
+
+def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+           extra: dict[str, Any] | None = None) -> Path:
+    """Print the table with a machine header and write ``results/<name>.json``; returns the JSON path."""
+    machine = machine_info()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    print_table(title, columns, rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"title": title, "machine": machine, "columns": list(columns), "rows": [list(r) for r in rows],
+               **(extra or {})}
+    path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
+    return path
