@@ -35,6 +35,8 @@ def test_kv_cache_decode_equals_full_forward(preset):
         for t in range(10, 24):
             pieces.append(model(tokens[:, t:t + 1], positions=torch.tensor([t, t]), cache=cache))
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="reach 33, past the KV cache length 32"):
+        model(tokens[:, :2], positions=torch.tensor([0, 31]), cache=cache)
 
 
 def test_rows_of_different_lengths_share_one_cache():

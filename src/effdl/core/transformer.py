@@ -217,6 +217,8 @@ class Transformer(nn.Module):
             if positions is None:
                 raise ValueError("decoding with a KV cache needs positions (B,): each row's current length")
             kv_len = int(start.max()) + T
+            if kv_len > cache.max_len:
+                raise ValueError(f"positions + new tokens reach {kv_len}, past the KV cache length {cache.max_len}")
             mask = causal_mask(pos, kv_len, window)  # (B, 1, T, S)
 
         h = self.tok_embeddings(tokens)  # (B, T, D)
