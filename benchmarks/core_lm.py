@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, report, time_it
+from harness import RESULTS, report, time_interleaved
 from transformers import LlamaForCausalLM
 
 from effdl.core.config import ModelConfig
@@ -62,9 +62,9 @@ def main() -> None:
     tokens = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), device=device)
     step_tokens = args.batch * args.seq_len
     ours.train(), theirs.train()
-    t_ours = time_it(train_step_fn(ours, tokens, lambda m, x: m(x)), repeat=args.repeat)
-    t_hf = time_it(train_step_fn(theirs, tokens, lambda m, x: m(x).logits), repeat=args.repeat)
-    rows.append(_row(f"train step {args.batch}x{args.seq_len}", step_tokens, t_ours, t_hf))
+    t = time_interleaved({"ours": train_step_fn(ours, tokens, lambda m, x: m(x)),
+                          "hf": train_step_fn(theirs, tokens, lambda m, x: m(x).logits)}, repeat=args.repeat)
+    rows.append(_row(f"train step {args.batch}x{args.seq_len}", step_tokens, t["ours"], t["hf"]))
     ours.eval(), theirs.eval()
 
     n = args.new_tokens
@@ -79,9 +79,9 @@ def main() -> None:
     for batch in (1, 8):
         prompts = torch.randint(0, 256, (batch, args.prompt_len), device=device)
         same = decode_ours(prompts) == decode_hf(prompts)
-        t_ours = time_it(lambda p=prompts: decode_ours(p), warmup=1, repeat=args.repeat)
-        t_hf = time_it(lambda p=prompts: decode_hf(p), warmup=1, repeat=args.repeat)
-        rows.append(_row(f"greedy decode batch {batch} (same tokens: {same})", batch * n, t_ours, t_hf))
+        t = time_interleaved({"ours": lambda p=prompts: decode_ours(p), "hf": lambda p=prompts: decode_hf(p)},
+                             warmup=1, repeat=args.repeat)
+        rows.append(_row(f"greedy decode batch {batch} (same tokens: {same})", batch * n, t["ours"], t["hf"]))
 
     for row in rows:
         series["effdl"].append(row[1])

@@ -28,8 +28,10 @@ class Timing:
         return (self.p75_s - self.p25_s) / self.median_s
 
 
-def time_it(fn: Callable[[], Any], warmup: int = 2, repeat: int = 7) -> Timing:
-    """Run ``fn`` ``warmup`` times untimed, then ``repeat`` times timed (wall clock, CUDA synchronised)."""
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repeat: int = 7) -> dict[str, Timing]:
+    """Time several callables side by side: after ``warmup`` untimed rounds, ``repeat`` rounds that each
+    run every callable once, so drifts in machine speed (frequency, other load) hit all of them alike.
+    Wall clock, CUDA synchronised."""
     import torch
 
     def sync() -> None:
@@ -37,14 +39,20 @@ def time_it(fn: Callable[[], Any], warmup: int = 2, repeat: int = 7) -> Timing:
             torch.cuda.synchronize()
 
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: _timing(s) for name, s in samples.items()}
+
+
+def _timing(samples: list[float]) -> Timing:
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
     return Timing(statistics.median(samples), q[0], q[2], samples)
 
