@@ -102,12 +102,14 @@ class SoftVisionTransformer(nn.Module):
         super().__init__()
         if img_size % STRIDE:
             raise EffdlError(f"img_size must be divisible by {STRIDE}, got {img_size}")
+        if not len(embed_dims) == len(num_heads) == len(depths) == 4:
+            raise EffdlError("SOFT has four stages: embed_dims, num_heads and depths need four entries each")
         self.num_classes, self.in_chans, self.global_pool = num_classes, in_chans, global_pool
         self.num_features = self.head_hidden_size = embed_dims[-1]
         drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
 
         stages, in_dim, grid = [], in_chans, img_size // 4
-        for i, (dim, heads, depth) in enumerate(zip(embed_dims, num_heads, depths, strict=True)):
+        for i, (dim, heads) in enumerate(zip(embed_dims, num_heads, strict=True)):
             rates = drop_paths[sum(depths[:i]):sum(depths[:i + 1])]
             if i == 0:
                 downsample = nn.Sequential(*conv_bn_relu(in_chans, 32, 2), *conv_bn_relu(32, 32, 1),
@@ -159,6 +161,7 @@ class SoftVisionTransformer(nn.Module):
         """Images (B, C, H, W) -> normalised stage-4 tokens (B, 1 + H/32 * W/32, C4), class token first."""
         self._check_input(x)
         B = x.shape[0]
+        grid = (x.shape[2], x.shape[3])
         for i, stage in enumerate(self.stages):
             if i > 0:
                 x = x.transpose(1, 2).reshape(B, -1, *grid)  # (B, C, h, w)
@@ -177,7 +180,7 @@ class SoftVisionTransformer(nn.Module):
     @staticmethod
     def _pos_embed(pos_embed: Tensor, grid: tuple[int, int], prefix: int) -> Tensor:
         """The stage's position embedding, resampled (bicubic) when the grid differs from 224 px's."""
-        old = int(math.isqrt(pos_embed.shape[1] - prefix))
+        old = math.isqrt(pos_embed.shape[1] - prefix)
         if (old, old) == grid:
             return pos_embed
         return resample_abs_pos_embed(pos_embed, list(grid), [old, old], num_prefix_tokens=prefix)
