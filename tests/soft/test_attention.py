@@ -70,6 +70,12 @@ def test_gaussian_kernel_against_explicit_formula_and_in_low_precision():
         torch.testing.assert_close(low, reference)
 
 
+def test_gaussian_kernel_gradient_against_finite_differences():
+    a = torch.randn(2, 30, 8, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(gaussian_kernel, (a, b))
+
+
 def test_identity_bottleneck_gives_full_gaussian_attention():
     """With every token its own landmark (m = n), the Nyström product is exactly S @ V."""
     q = torch.randn(2, 3, 16, 8) * 0.5
