@@ -4,6 +4,8 @@
     effdl lm presets
     effdl lm train [--preset tiny] [--steps N] [--seq-len T] ... [--resume DIR]
     effdl lm generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] ...
+    effdl soft train [--model soft_tiny] [--img-size 64] [--epochs N] ... [--baseline pvt_v2_b1]
+    effdl soft eval --checkpoint FILE
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
 """
@@ -65,9 +67,41 @@ def _lm_generate(args: argparse.Namespace) -> None:
     print(args.prompt + tokenizer.decode(out))
 
 
+def _soft_train(args: argparse.Namespace) -> None:
+    from effdl.report import print_table
+    from effdl.soft.train import ImageTrainConfig, load_checkpoint_config, train_classifier
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ImageTrainConfig)
+             if getattr(args, f.name, None) is not None}
+    cfg = load_checkpoint_config(args.resume, **given) if args.resume else ImageTrainConfig(**given)
+    runs = [(cfg, args.resume)]
+    if args.baseline:
+        runs.append((dataclasses.replace(cfg, model=args.baseline), None))
+    rows = []
+    for run_cfg, resume in runs:
+        result = train_classifier(run_cfg, resume=resume)
+        rows.append((run_cfg.model, result.step, f"{result.top1:.2f}%", f"{result.images_per_s:,.0f}",
+                     str(result.checkpoint)))
+    print_table(f"{cfg.data} at {cfg.img_size}px", ["model", "steps", "test top-1", "train img/s", "checkpoint"],
+                rows)
+
+
+def _soft_eval(args: argparse.Namespace) -> None:
+    from effdl.core.trainer import resolve_device
+    from effdl.soft.train import evaluate_classifier, load_classifier, load_split
+
+    device = resolve_device(args.device)
+    model, cfg = load_classifier(args.checkpoint, device)
+    if args.eval_subset is not None:
+        cfg.eval_subset = args.eval_subset
+    metrics = evaluate_classifier(model, load_split(cfg, train=False, device=device), device)
+    print(f"{cfg.model} on {cfg.data} test ({cfg.img_size}px): top-1 {metrics['top1']:.2f}%, "
+          f"loss {metrics['loss']:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
-    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm}")
+    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft}")
 
     demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
     demo.add_argument("--only", help="run one stage (lm)")
@@ -106,6 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--bos", action="store_true", help="prepend the model's bos token (HF Llama checkpoints)")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(run=_lm_generate)
+
+    soft = systems.add_parser("soft", help="softmax-free vision transformers (SOFT)").add_subparsers(
+        dest="verb", required=True, metavar="{train,eval}")
+    st = soft.add_parser("train", help="train a timm model (soft_tiny ... or any baseline) on Fashion-MNIST")
+    st.add_argument("--model", help="timm model name (default soft_tiny)")
+    st.add_argument("--data", help="dataset (default fashion-mnist)")
+    st.add_argument("--img-size", dest="img_size", type=int, help="input size in pixels (default 64)")
+    st.add_argument("--epochs", type=float, help="epochs, fractions allowed (default 10)")
+    st.add_argument("--batch-size", dest="batch_size", type=int, help="images per step (default 128)")
+    st.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    st.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0.05)")
+    st.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, help="linear warmup (default 1)")
+    st.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="(default 0.1)")
+    st.add_argument("--train-subset", dest="train_subset", type=int, help="first N training images (0 = all)")
+    st.add_argument("--eval-subset", dest="eval_subset", type=int, help="first N test images (0 = all)")
+    st.add_argument("--out", dest="out_dir", help="checkpoint folder (default runs/soft)")
+    st.add_argument("--seed", type=int)
+    st.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
+    st.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
+    st.add_argument("--resume", help="checkpoint (.pth) to continue from exactly")
+    st.add_argument("--baseline", help="also train this timm model with the same recipe, side by side")
+    st.set_defaults(run=_soft_train)
+    se = soft.add_parser("eval", help="top-1 of a checkpoint written by `effdl soft train`")
+    se.add_argument("--checkpoint", required=True)
+    se.add_argument("--eval-subset", dest="eval_subset", type=int, help="first N test images (default all)")
+    se.add_argument("--device", default="auto")
+    se.set_defaults(run=_soft_eval)
     return parser
 
 

@@ -18,21 +18,22 @@ console = Console(stderr=True)
 
 
 class TrainProgress:
-    """A bar over training steps showing loss, validation loss and tokens/s."""
+    """A bar over training steps showing loss, validation loss and throughput (tokens/s, images/s ...)."""
 
-    def __init__(self, total: int, completed: int = 0, description: str = "train", enabled: bool = True):
+    def __init__(self, total: int, completed: int = 0, description: str = "train", enabled: bool = True,
+                 unit: str = "tok/s", val_label: str = "val"):
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("val {task.fields[val]}"),
-            TextColumn("{task.fields[tok_s]} tok/s"), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn(val_label + " {task.fields[val]}"),
+            TextColumn("{task.fields[rate]} " + unit), TimeElapsedColumn(), TimeRemainingColumn(),
             console=console, disable=not enabled,
         )
         self._task = self._progress.add_task(description, total=total, completed=completed,
-                                             loss="-", val="-", tok_s="-")
+                                             loss="-", val="-", rate="-")
 
-    def update(self, step: int, loss: float, tokens_per_s: float, val_loss: float | None) -> None:
-        self._progress.update(self._task, completed=step, loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                              val="-" if val_loss is None else f"{val_loss:.3f}")
+    def update(self, step: int, loss: float, rate: float, val: float | None) -> None:
+        self._progress.update(self._task, completed=step, loss=f"{loss:.3f}", rate=f"{rate:,.0f}",
+                              val="-" if val is None else f"{val:.3f}")
 
     def __enter__(self) -> TrainProgress:
         self._progress.start()

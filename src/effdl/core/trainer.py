@@ -76,13 +76,17 @@ def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for 0-based ``step``: linear warmup, then cosine to ``lr * min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_ratio: float) -> float:
+    """Learning rate at 0-based ``step``: linear warmup to ``peak_lr``, then cosine to ``peak_lr * min_ratio``."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+    return peak_lr * (min_ratio + (1 - min_ratio) * cosine)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    return warmup_cosine_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +108,7 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: tor
              loss_fn: LossFn = lm_loss) -> float:
     was_training = model.training
     model.eval()
-    with _autocast(device):
+    with autocast_for(device):
         losses = [loss_fn(model, x.to(device), y.to(device)).item() for x, y in batches]
     model.train(was_training)
     return sum(losses) / len(losses)
@@ -147,7 +151,7 @@ def train(cfg: TrainConfig, model: Transformer | None = None, loss_fn: LossFn = 
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             inputs, targets = (t.to(device) for t in train_batches.batch(step))
-            with _autocast(device):
+            with autocast_for(device):
                 loss = loss_fn(model, inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -205,7 +209,7 @@ def latest_checkpoint(path: str | Path) -> Path:
     return candidates[-1]
 
 
-def _autocast(device: torch.device):
+def autocast_for(device: torch.device) -> torch.autocast:
     """bf16 autocast on GPUs that support it; fp32 elsewhere (CPU bf16 matmuls are slower on most CPUs)."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)

@@ -1,0 +1,227 @@
+"""Image-classification trainer for SOFT and timm baselines on Fashion-MNIST.
+
+The recipe is timm's: AdamW (no decay on norms, biases, position embeddings
+and class tokens), warmup + cosine per step, label smoothing, gradient
+clipping, bf16 autocast on GPUs that support it. Any timm model name works,
+so ``--baseline pvt_v2_b0`` trains a softmax model with the same recipe for a
+side-by-side. Checkpoints hold ``{"model", "optimizer", "epoch", "config",
+"history"}``; their ``model`` entry loads with ``timm.create_model(...,
+pretrained=True, pretrained_cfg_overlay={"file": path})``.
+
+Images live on the device as one uint8 tensor; augmentation (random shift by
+up to 2 px, horizontal flip) and resizing to ``img_size`` run per batch there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torch import Tensor, nn
+
+import effdl.soft  # noqa: F401  (registers soft_* with timm)
+from effdl.core.data import fashion_mnist
+from effdl.core.trainer import autocast_for, resolve_device, warmup_cosine_lr
+from effdl.errors import EffdlError
+
+DATASETS = ("fashion-mnist",)
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+@dataclass
+class ImageTrainConfig:
+    model: str = "soft_tiny"
+    data: str = "fashion-mnist"
+    img_size: int = 64
+    epochs: float = 10.0  # fractional epochs allowed, for short runs
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float = 1.0
+    train_subset: int = 0  # 0 = all 60,000 training images
+    eval_subset: int = 0  # 0 = all 10,000 test images
+    out_dir: str = "runs/soft"
+    seed: int = 0
+    device: str = "auto"
+    max_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.data not in DATASETS:
+            raise EffdlError(f"unknown dataset {self.data!r}; available: {', '.join(DATASETS)}")
+        if self.model not in timm.list_models():
+            raise EffdlError(f"unknown model {self.model!r}: not in timm's registry (soft_tiny ... soft_huge, "
+                             "or any timm model such as pvt_v2_b0, deit_tiny_patch16_224)")
+        if self.img_size <= 0 or self.epochs <= 0 or self.batch_size <= 0:
+            raise EffdlError("img_size, epochs and batch_size must be positive")
+
+
+@dataclass
+class ImageTrainResult:
+    step: int
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    images_per_s: float = 0.0
+    checkpoint: Path | None = None
+
+    @property
+    def top1(self) -> float:
+        return self.history[-1]["top1"]
+
+
+class DeviceImages:
+    """A whole image dataset as one uint8 tensor on the device, batched, augmented and resized there."""
+
+    def __init__(self, images: Tensor, labels: Tensor, img_size: int, device: torch.device):
+        self.images = images.to(device)  # (N, 28, 28) uint8
+        self.labels = labels.to(device)  # (N,)
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return self.labels.numel()
+
+    def batch(self, index: Tensor, augment: bool, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        x = self.images[index].float().div_(255)[:, None]  # (B, 1, 28, 28)
+        if augment:
+            B = x.shape[0]
+            padded = F.pad(x, (2, 2, 2, 2), mode="reflect")  # (B, 1, 32, 32)
+            dy, dx = torch.randint(0, 5, (2, B), generator=generator).tolist()
+            x = torch.stack([padded[i, :, y:y + 28, z:z + 28] for i, (y, z) in enumerate(zip(dy, dx, strict=True))])
+            flip = torch.rand(B, generator=generator) < 0.5
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False, antialias=False)
+        return (x - FASHION_MEAN) / FASHION_STD, self.labels[index]
+
+
+def load_split(cfg: ImageTrainConfig, train: bool, device: torch.device) -> DeviceImages:
+    ds = fashion_mnist(train=train)
+    limit = cfg.train_subset if train else cfg.eval_subset
+    images, labels = ds.data, ds.targets
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return DeviceImages(images, labels, cfg.img_size, device)
+
+
+def create_classifier(name: str, img_size: int, num_classes: int = 10, in_chans: int = 1) -> nn.Module:
+    """A timm model for ``img_size`` inputs; models with a fixed patch grid get ``img_size``, others ignore it."""
+    try:
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    except TypeError:  # size-agnostic models (PVT v2, ResNets) take no img_size argument
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, data: DeviceImages, device: torch.device,
+                        batch_size: int = 256) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy on ``data``."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for index in torch.arange(len(data), device=device).split(batch_size):
+        x, y = data.batch(index, augment=False)
+        with autocast_for(device):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return {"top1": 100.0 * correct / len(data), "loss": loss_sum / len(data)}
+
+
+def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
+                     progress: bool = True) -> ImageTrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; evaluates on the test split after every epoch and at the end."""
+    from effdl.progress import TrainProgress
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    train_data, test_data = load_split(cfg, True, device), load_split(cfg, False, device)
+    model = create_classifier(cfg.model, cfg.img_size).to(device)
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_data) // cfg.batch_size)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+    result, step = ImageTrainResult(step=0), 0
+    if resume is not None:
+        state = _read_checkpoint(resume, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, result.history = state["step"], state["history"]
+
+    out_dir = Path(cfg.out_dir)
+    started, start_step, order = time.perf_counter(), step, None
+    with TrainProgress(total_steps, step, description=cfg.model, enabled=progress, unit="img/s",
+                       val_label="top-1") as bar:
+        model.train()
+        while step < total_steps:
+            # Batch order and augmentation are pure functions of (seed, step): resuming is exact.
+            epoch, within = divmod(step, steps_per_epoch)
+            if within == 0 or order is None:
+                order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            index = order[within * cfg.batch_size:(within + 1) * cfg.batch_size].to(device)
+            augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            x, y = train_data.batch(index, augment=True, generator=augment_rng)
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
+            with autocast_for(device):
+                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+            elapsed = time.perf_counter() - started
+            result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
+            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
+                total_steps = step
+            if step % steps_per_epoch == 0 or step == total_steps:
+                metrics = evaluate_classifier(model, test_data, device)
+                result.history.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
+                                       **metrics})
+                result.checkpoint = _save(model, optimizer, cfg, result, step, out_dir)
+            bar.update(step, loss.item(), result.images_per_s, result.history[-1]["top1"] if result.history else None)
+    result.step = step
+    return result
+
+
+def _save(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ImageTrainConfig, result: ImageTrainResult,
+          step: int, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{cfg.model}-step{step:06d}.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "config": dataclasses.asdict(cfg), "history": result.history}, path)
+    (out_dir / f"{cfg.model}-history.json").write_text(json.dumps(result.history, indent=1))
+    return path
+
+
+def _read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise EffdlError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or not {"model", "config", "optimizer", "step"} <= state.keys():
+        raise EffdlError(f"{path} is not a checkpoint written by `effdl soft train`")
+    return state
+
+
+def load_checkpoint_config(path: str | Path, **overrides: object) -> ImageTrainConfig:
+    """The config a checkpoint was trained with, with ``overrides`` (e.g. more ``epochs``) applied."""
+    return ImageTrainConfig(**{**_read_checkpoint(path)["config"], **overrides})
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ImageTrainConfig]:
+    """A model saved by ``train_classifier`` and the config it was trained with."""
+    state = _read_checkpoint(path, device)
+    cfg = ImageTrainConfig(**state["config"])
+    model = create_classifier(cfg.model, cfg.img_size).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg

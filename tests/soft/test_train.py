@@ -1,0 +1,60 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from effdl.errors import EffdlError
+from effdl.soft.train import ImageTrainConfig, load_classifier, train_classifier
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="soft_tiny", img_size=32, epochs=1.0, batch_size=32, lr=2e-3, warmup_epochs=0.2,
+                train_subset=1024, eval_subset=500, out_dir=str(tmp_path))
+    return ImageTrainConfig(**{**base, **kw})
+
+
+def test_short_training_learns_fashion_mnist(tmp_path):
+    result = train_classifier(_cfg(tmp_path), progress=False)
+    assert result.step == 32
+    assert result.top1 > 30.0, result.history  # chance is 10%; 39% here after 32 steps of 32 images
+    model, cfg = load_classifier(result.checkpoint)
+    assert cfg.model == "soft_tiny" and cfg.img_size == 32
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_resume_is_exact(tmp_path):
+    full = train_classifier(_cfg(tmp_path / "full", epochs=0.125, train_subset=512), progress=False)
+    half = train_classifier(_cfg(tmp_path / "half", epochs=0.0625, train_subset=512), progress=False)
+    resumed = train_classifier(_cfg(tmp_path / "half", epochs=0.125, train_subset=512), resume=half.checkpoint,
+                               progress=False)
+    assert resumed.step == full.step == 2
+    a, b = torch.load(full.checkpoint)["model"], torch.load(resumed.checkpoint)["model"]
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_bad_config():
+    with pytest.raises(EffdlError, match="unknown model 'nope'"):
+        ImageTrainConfig(model="nope")
+    with pytest.raises(EffdlError, match="unknown dataset 'cifar'"):
+        ImageTrainConfig(data="cifar")
+
+
+def test_cli_train_with_baseline_and_eval(tmp_path):
+    def effdl(*args):
+        return subprocess.run([sys.executable, "-m", "effdl.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+
+    out = effdl("soft", "train", "--epochs", "0.0625", "--train-subset", "512", "--eval-subset", "64",
+                "--img-size", "32", "--batch-size", "16", "--out", str(tmp_path), "--baseline", "pvt_v2_b0")
+    assert out.returncode == 0, out.stderr
+    assert "soft_tiny" in out.stdout and "pvt_v2_b0" in out.stdout
+    out = effdl("soft", "eval", "--checkpoint", str(tmp_path / "soft_tiny-step000002.pth"), "--eval-subset", "64")
+    assert out.returncode == 0, out.stderr
+    assert "top-1" in out.stdout
+    out = effdl("soft", "eval", "--checkpoint", str(tmp_path / "missing.pth"))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    out = effdl("soft", "train", "--img-size", "48", "--train-subset", "64", "--eval-subset", "64")
+    assert out.returncode == 2 and "divisible by 32" in out.stderr
