@@ -38,7 +38,9 @@ def test_demo_quick(tmp_path):
     assert out.returncode == 0, out.stderr
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Language model" in report and "lm_loss.png" in report
-    assert (tmp_path / "demo" / "lm_loss.png").stat().st_size > 1000
+    assert "SOFT" in report and "soft_attention.png" in report
+    for plot in ("lm_loss.png", "soft_attention.png"):
+        assert (tmp_path / "demo" / plot).stat().st_size > 1000
 
 
 @pytest.mark.parametrize(
@@ -47,7 +49,7 @@ def test_demo_quick(tmp_path):
         (["lm", "generate", "--model", "/does/not/exist"], "checkpoint folder /does/not/exist does not exist"),
         (["lm", "train", "--preset", "huge"], "unknown preset 'huge'; valid presets: tiny"),
         (["lm", "train", "--steps", "0"], "steps must be positive"),
-        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm"),
+        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

@@ -62,7 +62,13 @@ def lm_stage(out_dir: Path, quick: bool) -> StageReport:
     return StageReport("Language model: train + generate", headline, rows, markdown, [plot])
 
 
-STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage}
+def _soft_stage(out_dir: Path, quick: bool) -> StageReport:
+    from effdl.soft.demo import soft_stage
+
+    return soft_stage(out_dir, quick)
+
+
+STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage, "soft": _soft_stage}
 
 
 def run_demo(out_dir: str | Path = "effdl-demo", only: str | None = None, quick: bool = False) -> Path:
