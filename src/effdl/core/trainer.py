@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,6 +104,21 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, compute_loss: Callable[[], Tensor], lr: float,
+               grad_clip: float, device: torch.device) -> Tensor:
+    """One optimizer step at learning rate ``lr``: loss under autocast, backward, clipping, update."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast_for(device):
+        loss = compute_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: torch.device,
              loss_fn: LossFn = lm_loss) -> float:
@@ -148,16 +164,9 @@ def train(cfg: TrainConfig, model: Transformer | None = None, loss_fn: LossFn = 
     started, step = time.perf_counter(), start_step
     with TrainProgress(cfg.steps, start_step, enabled=progress) as bar:
         while step < cfg.steps:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
             inputs, targets = (t.to(device) for t in train_batches.batch(step))
-            with autocast_for(device):
-                loss = loss_fn(model, inputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = train_step(model, optimizer, partial(loss_fn, model, inputs, targets), lr_at(step, cfg),
+                              cfg.grad_clip, device)
             step += 1
             history.losses.append((step, loss.item()))
             elapsed = time.perf_counter() - started

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -28,7 +29,7 @@ from torch import Tensor, nn
 
 import effdl.soft  # noqa: F401  (registers soft_* with timm)
 from effdl.core.data import fashion_mnist
-from effdl.core.trainer import autocast_for, resolve_device, warmup_cosine_lr
+from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 
 DATASETS = ("fashion-mnist",)
@@ -118,6 +119,10 @@ def create_classifier(name: str, img_size: int, num_classes: int = 10, in_chans:
         return timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
 
 
+def classification_loss(model: nn.Module, x: Tensor, y: Tensor, label_smoothing: float) -> Tensor:
+    return F.cross_entropy(model(x).float(), y, label_smoothing=label_smoothing)
+
+
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, data: DeviceImages, device: torch.device,
                         batch_size: int = 256) -> dict[str, float]:
@@ -169,15 +174,9 @@ def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
             index = order[within * cfg.batch_size:(within + 1) * cfg.batch_size].to(device)
             augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             x, y = train_data.batch(index, augment=True, generator=augment_rng)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
-            with autocast_for(device):
-                loss = F.cross_entropy(model(x).float(), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            lr = warmup_cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
+            loss = train_step(model, optimizer, partial(classification_loss, model, x, y, cfg.label_smoothing), lr,
+                              cfg.grad_clip, device)
             step += 1
             elapsed = time.perf_counter() - started
             result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
