@@ -94,8 +94,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     padded = torch.zeros(B, longest, dtype=torch.long, device=device)  # (B, T)
     for row, p in enumerate(prompts):
         padded[row, : len(p)] = torch.tensor(p)
-    logits = model(padded, positions=torch.zeros_like(lengths), cache=cache)  # (B, T, V)
-    logits = logits[torch.arange(B, device=device), lengths - 1]  # (B, V) at each row's last prompt token
+    logits = model(padded, positions=torch.zeros_like(lengths), cache=cache, logit_index=lengths - 1)  # (B, V)
 
     outputs: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B

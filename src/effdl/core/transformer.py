@@ -192,14 +192,17 @@ class Transformer(nn.Module):
                 residual_out = name.endswith(("wo.weight", "w2.weight", ".w2"))
                 p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers) if residual_out else std)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """Logits (B, T, V) for tokens (B, T).
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
+                logit_index: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) for tokens (B, T), or (B, V) at index ``logit_index[b]`` of each row when given.
 
         Without ``cache``: a full causal pass, tokens of row b at positions
         ``positions[b] + t`` (default 0 + t). With ``cache``: the new tokens'
         keys/values are written into the cache at those positions and each
         query attends to its own row's cache up to itself, so rows may be at
         different lengths (``positions`` is then required, shape (B,)).
+        ``logit_index`` (B,) saves the LM head on the positions nobody samples
+        from (a prefill needs only its last token's logits).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
@@ -225,4 +228,6 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             h = layer(h, cos, sin, mask, layer_cache, pos)
-        return self.output(self.norm(h))  # (B, T, V)
+        if logit_index is not None:
+            h = h[torch.arange(B, device=h.device), logit_index]  # (B, D)
+        return self.output(self.norm(h))  # (B, T, V) or (B, V)

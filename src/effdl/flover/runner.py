@@ -1,0 +1,63 @@
+"""The runner executes a ``StepPlan`` on the model and its KV pool; it decides nothing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from effdl.core.transformer import Transformer
+from effdl.flover.kvpool import KVPool
+from effdl.flover.scheduler import PrefillChunk, StepPlan
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, n_slots: int, max_len: int):
+        param = next(model.parameters())
+        self.model, self.max_len = model.eval(), max_len
+        self.device = param.device
+        self.pool = KVPool(model.config, n_slots, max_len, param.device, param.dtype)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[list[str], Tensor]:
+        """Apply the moves, run the prefill chunks, then the decode batch.
+
+        Returns the ids of the requests that sample this step and their
+        next-token logits (N, V), in that order.
+        """
+        for src, dst, length in plan.moves:
+            self.pool.move(src, dst, length)
+        ids, logits = [], []
+        for group in _contiguous_groups(plan.prefill, self.max_len):
+            out = self._forward(group[0].slot, group[-1].slot + 1, [c.tokens for c in group],
+                                [c.start for c in group])  # (B, V)
+            ids += [c.request_id for c in group if c.sample]
+            logits += [out[i] for i, c in enumerate(group) if c.sample]
+        if plan.decode is not None:
+            d = plan.decode
+            out = self._forward(d.lo, d.hi, [[t] for t in d.tokens], d.positions)  # (hi - lo, V)
+            ids += [rid for rid, _ in d.rows]
+            logits += [out[row] for _, row in d.rows]
+        return ids, torch.stack(logits).float() if logits else torch.empty(0)
+
+    def _forward(self, lo: int, hi: int, rows: list[list[int]], starts: list[int]) -> Tensor:
+        """Logits at each row's last token for slots [lo, hi), rows right-padded to the longest."""
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, T)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = torch.tensor(r)
+        positions = torch.tensor(starts, device=self.device)  # (B,)
+        return self.model(tokens, positions, self.pool.window(lo, hi), logit_index=lengths - 1)  # (B, V)
+
+
+def _contiguous_groups(chunks: list[PrefillChunk], max_len: int) -> list[list[PrefillChunk]]:
+    """Chunks on consecutive slots, batched into one padded forward while every row's padding fits the slot."""
+    groups: list[list[PrefillChunk]] = []
+    for c in sorted(chunks, key=lambda c: c.slot):
+        group = groups[-1] if groups else None
+        if group and group[-1].slot + 1 == c.slot:
+            width = max(len(c.tokens), *(len(g.tokens) for g in group))
+            if all(g.start + width <= max_len for g in (*group, c)):
+                group.append(c)
+                continue
+        groups.append([c])
+    return groups
