@@ -1,0 +1,200 @@
+"""An asyncio front for ``Engine``: the step loop runs in one background thread.
+
+Callers on the event loop never wait for a forward: new requests and aborts
+go through an inbox that the loop thread drains between steps, and each
+step's outputs come back to the caller's ``asyncio.Queue`` thread-safely.
+Leaving a ``generate`` iterator early (a client that disconnected) aborts the
+request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from effdl.errors import EffdlError
+from effdl.flover.engine import Engine
+from effdl.flover.request import Request, RequestOutput, SamplingParams
+from effdl.flover.scheduler import QueueFull
+
+LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Histogram:
+    """A cumulative Prometheus histogram over fixed bucket bounds."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS_S
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.total += value
+
+    def prometheus(self, name: str, help_text: str) -> list[str]:
+        lines, running = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
+        return [*lines, f"{name}_sum {self.total}", f"{name}_count {running}"]
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    request: Request
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+        self.engine, self.idle_wait_s = engine, idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._accepting = True
+        self.ttft, self.latency = Histogram(), Histogram()
+        self.tokens_total = 0
+        self._gauges = {"queue_length": 0, "live_slots": 0, "free_slots": engine.scheduler.slots.n_free}
+        self._recent: list[tuple[float, int]] = []  # (time, tokens) of the last steps, for tokens/s
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> AsyncEngine:
+        if self._thread is None:
+            self._running = True
+            self._thread = threading.Thread(target=self._loop, name="flover-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
+        """Stop taking requests; let running ones finish (``drain``) or abort them; stop the loop thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while drain and self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._running = False
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Each step's output for this request until it finishes; raises ``EffdlError`` if it cannot start."""
+        if not self._accepting or not self._running:
+            raise EffdlError("the engine is shutting down")
+        request = self.engine.make_request(prompt, params, request_id)  # validation errors surface here
+        if self.engine.scheduler.num_waiting + self._inbox.qsize() >= self.engine.scheduler.max_queue:
+            raise QueueFull(f"the queue holds {self.engine.scheduler.max_queue} waiting requests; retry later")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request)
+        self._streams[request.id] = stream
+        self._inbox.put(("add", request))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await stream.outputs.get()
+                if isinstance(out, Exception):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request.id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort from any thread; the loop frees the slot before its next step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._inbox.put(("abort", request_id))
+            self._wake.set()
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, RequestOutput(
+                request_id, [], "", True, "abort", num_prompt_tokens=len(stream.request.prompt)))
+
+    # -- the loop thread ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            try:
+                self._iterate()
+            except Exception as error:  # a bug outside any one request: fail what is in flight, keep serving
+                for request_id in list(self.engine.requests):
+                    self.engine.abort(request_id)
+                for request_id, stream in list(self._streams.items()):
+                    self._streams.pop(request_id, None)
+                    stream.loop.call_soon_threadsafe(stream.outputs.put_nowait,
+                                                     EffdlError(f"engine step failed: {error!r}"))
+
+    def _iterate(self) -> None:
+        self._drain_inbox()
+        scheduler = self.engine.scheduler
+        if not self.engine.has_unfinished():
+            self._gauges = {"queue_length": 0, "live_slots": 0, "free_slots": scheduler.slots.n_free}
+            self._wake.wait(self.idle_wait_s)
+            self._wake.clear()
+            return
+        outputs = self.engine.step()
+        self._gauges = {"queue_length": scheduler.num_waiting, "live_slots": scheduler.num_running,
+                        "free_slots": scheduler.slots.n_free}
+        if not outputs:
+            due = scheduler.next_admission()  # a static batch filling up
+            self._wake.wait(max(0.0, min(self.idle_wait_s, due - time.monotonic())) if due else 0.001)
+            self._wake.clear()
+        self._publish(outputs)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "abort":
+                self.engine.abort(item)
+            elif item.id in self._streams:  # not aborted while queued
+                try:
+                    self.engine.enqueue(item)
+                except EffdlError as error:
+                    stream = self._streams.pop(item.id, None)
+                    if stream is not None:
+                        stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, error)
+
+    def _publish(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(o.new_token_ids) for o in outputs)
+        self.tokens_total += new_tokens
+        self._recent = [(t, n) for t, n in self._recent if now - t < 10.0] + [(now, new_tokens)]
+        for out in outputs:
+            stream = self._streams.get(out.id)
+            if stream is None:
+                continue
+            if stream.first_token is None and out.new_token_ids:
+                stream.first_token = now
+                self.ttft.observe(now - stream.submitted)
+            if out.finished:
+                self.latency.observe(now - stream.submitted)
+                self._streams.pop(out.id, None)
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+
+    # -- observability ------------------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in self._recent if now - t < 10.0]
+        span = now - recent[0][0] if len(recent) > 1 else 0.0
+        return {**self._gauges, "queue_length": self._gauges["queue_length"] + self._inbox.qsize(),
+                "tokens_total": self.tokens_total,
+                "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0}
