@@ -6,6 +6,7 @@
     effdl lm generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] ...
     effdl soft train [--model soft_tiny] [--img-size 64] [--epochs N] ... [--baseline pvt_v2_b1]
     effdl soft eval --checkpoint FILE
+    effdl flover serve [--model DIR|preset] [--port 8000] [--max-slots 16] [--policy fused] [--tp N under torchrun]
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
 """
@@ -99,9 +100,17 @@ def _soft_eval(args: argparse.Namespace) -> None:
           f"loss {metrics['loss']:.4f}")
 
 
+def _flover_serve(args: argparse.Namespace) -> None:
+    from effdl.flover.server import serve
+
+    serve(args.model, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
+          policy=args.policy, shuffle=not args.no_shuffle, prefill_chunk=args.prefill_chunk,
+          max_queue=args.max_queue, name=args.name, device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
-    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft}")
+    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,flover}")
 
     demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
     demo.add_argument("--only", help="run one stage (lm, soft)")
@@ -167,6 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--eval-subset", dest="eval_subset", type=int, help="first N test images (default all)")
     se.add_argument("--device", default="auto")
     se.set_defaults(run=_soft_eval)
+
+    flover = systems.add_parser("flover", help="serve a model to requests arriving at random times (Flover)"
+                                ).add_subparsers(dest="verb", required=True, metavar="{serve}")
+    sv = flover.add_parser("serve", help="OpenAI-compatible server (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("--model", default="tiny", help="HF-format checkpoint folder, or a preset (random weights)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--name", help="model name clients send (default: folder or preset name)")
+    sv.add_argument("--max-slots", type=int, default=16, help="KV slots = most requests decoding at once")
+    sv.add_argument("--max-len", type=int, default=None, help="prompt + output tokens per slot (default: model's)")
+    sv.add_argument("--policy", choices=["fused", "static", "sequential"], default="fused")
+    sv.add_argument("--no-shuffle", action="store_true", help="turn the KV memory shuffle off")
+    sv.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens prefilled per step")
+    sv.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(run=_flover_serve)
     return parser
 
 
