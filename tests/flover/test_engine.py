@@ -1,0 +1,224 @@
+"""The engine against transformers' greedy generate, request by request, under staggered arrivals."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import effdl.flover.engine as engine_module
+from effdl.core.config import ModelConfig
+from effdl.core.hf import load_checkpoint
+from effdl.core.tokenizer import ByteTokenizer
+from effdl.core.transformer import Transformer
+from effdl.errors import EffdlError
+from effdl.flover import Engine, QueueFull, SamplingParams
+from effdl.flover.async_engine import AsyncEngine
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A random Llama in transformers and the same checkpoint loaded by effdl."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # wide weights: discriminative logits, so greedy ties cannot blur the comparison
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.1)
+    folder = tmp_path_factory.mktemp("llama")
+    hf.save_pretrained(folder)
+    return hf, load_checkpoint(folder).eval()
+
+
+def _workload(n: int, seed: int = 0) -> list[tuple[int, list[int], int]]:
+    """(arrival step, prompt, max_tokens): Poisson arrivals in units of engine steps, mixed lengths."""
+    rng = random.Random(seed)
+    step, out = 0, []
+    for _ in range(n):
+        step += round(rng.expovariate(1 / 3))
+        out.append((step, [rng.randrange(300) for _ in range(rng.randint(1, 40))], rng.randint(1, 24)))
+    return out
+
+
+def _serve(engine: Engine, workload) -> list[list[int]]:
+    """Add each request at its arrival step; returns every request's output tokens, in workload order."""
+    pending, ids, outputs, step = list(workload), [], {}, 0
+    while pending or engine.has_unfinished():
+        while pending and pending[0][0] <= step:
+            _, prompt, n = pending.pop(0)
+            ids.append(engine.add_request(prompt, SamplingParams(max_tokens=n)))
+            outputs[ids[-1]] = []
+        for out in engine.step():
+            assert out.error is None, out.error
+            outputs[out.id] += out.new_token_ids
+        step += 1
+    return [outputs[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def hf_reference(hf_pair):
+    hf, _ = hf_pair
+    workload = _workload(10)
+    expected = []
+    for _, prompt, n in workload:
+        ids = torch.tensor([prompt])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+        expected.append(out[0, len(prompt):].tolist())
+    return workload, expected
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("max_slots", [1, 3, 8])
+def test_fused_matches_transformers_per_request(hf_pair, hf_reference, shuffle, max_slots):
+    _, model = hf_pair
+    workload, expected = hf_reference
+    engine = Engine(model, max_slots=max_slots, max_len=96, policy="fused", shuffle=shuffle, prefill_chunk=16)
+    assert _serve(engine, workload) == expected
+    assert engine.scheduler.slots.n_free == max_slots
+
+
+@pytest.mark.parametrize("policy", ["static", "sequential"])
+def test_baseline_policies_match_transformers(hf_pair, hf_reference, policy):
+    _, model = hf_pair
+    workload, expected = hf_reference
+    assert _serve(Engine(model, max_slots=4, max_len=96, policy=policy), workload) == expected
+
+
+def test_shuffle_shrinks_the_decode_window(hf_pair):
+    _, model = hf_pair
+    # Requests that finish out of order leave holes; the shuffle closes them.
+    workload = [(0, [1 + i, 2, 3], n) for i, n in enumerate([3, 30, 4, 30, 5, 30, 6, 30])]
+    stats = {}
+    for shuffle in (True, False):
+        engine = Engine(model, max_slots=8, max_len=64, shuffle=shuffle)
+        outputs = _serve(engine, workload)
+        stats[shuffle] = engine.stats
+    assert stats[True]["decode_rows"] == stats[False]["decode_rows"]
+    assert stats[True]["moves"] > 0 and stats[True]["window_rows"] < stats[False]["window_rows"]
+    assert [len(o) for o in outputs] == [n for *_, n in workload]
+
+
+def test_abort_mid_run_leaves_the_others_unchanged(hf_pair, hf_reference):
+    _, model = hf_pair
+    workload, expected = hf_reference
+    engine = Engine(model, max_slots=4, max_len=96)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=n)) for _, p, n in workload[:6]]
+    outputs = {i: [] for i in ids}
+    for step in range(200):
+        if step == 3:
+            engine.abort(ids[1])
+        for out in engine.step():
+            outputs[out.id] += out.new_token_ids
+        if not engine.has_unfinished():
+            break
+    assert len(outputs[ids[1]]) < len(expected[1])
+    assert [outputs[i] for k, i in enumerate(ids) if k != 1] == [e for k, e in enumerate(expected[:6]) if k != 1]
+    assert engine.scheduler.slots.n_free == 4 and not engine.requests
+
+
+def test_a_failing_request_fails_alone(hf_pair, monkeypatch):
+    _, model = hf_pair
+    real = engine_module.sample_next
+
+    def flaky(logits, temperature, *args):
+        if temperature == 0.5:
+            raise FloatingPointError("bad logits")
+        return real(logits, temperature, *args)
+
+    monkeypatch.setattr(engine_module, "sample_next", flaky)
+    engine = Engine(model, max_slots=4, max_len=64)
+    good = [engine.add_request([5, 6, 7 + i], SamplingParams(max_tokens=6)) for i in range(3)]
+    bad = engine.add_request([9, 9], SamplingParams(max_tokens=6, temperature=0.5))
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(out.id, []).append(out)
+    assert outs[bad][-1].finish_reason == "error" and "bad logits" in outs[bad][-1].error
+    assert all(sum(len(o.new_token_ids) for o in outs[g]) == 6 for g in good)
+    assert engine.generate([[1, 2, 3]], SamplingParams(max_tokens=4))[0]  # still serving
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_recovers(hf_pair, monkeypatch):
+    _, model = hf_pair
+    engine = Engine(model, max_slots=2, max_len=64)
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4))
+    real = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda plan: (_ for _ in ()).throw(RuntimeError("device lost")))
+    (out,) = engine.step()
+    assert out.id == rid and out.finish_reason == "error" and "device lost" in out.error
+    monkeypatch.setattr(engine.runner, "execute", real)
+    assert engine.scheduler.slots.n_free == 2
+    assert len(engine.generate([[4, 5]], SamplingParams(max_tokens=3))[0]) == 3
+
+
+def test_stop_strings_and_stop_tokens():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).eval()
+    tok = ByteTokenizer()
+    engine = Engine(model, tok, max_slots=2, max_len=128)
+    full = engine.generate(["stop test"], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    text = tok.decode(full)
+    stop = text[10:13]
+    rid = engine.add_request("stop test", SamplingParams(max_tokens=40, ignore_eos=True, stop=(stop,)))
+    deltas, last = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.new_text)
+            last = out
+    assert last.id == rid and last.finish_reason == "stop"
+    assert "".join(deltas) == text[:text.find(stop)] and stop not in "".join(deltas)
+    by_id = engine.generate(["stop test"], SamplingParams(max_tokens=40, stop_token_ids=(full[5],), ignore_eos=True))
+    assert by_id[0] == full[:full.index(full[5]) + 1]
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(hf_pair):
+    _, model = hf_pair
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
+    alone = Engine(model, max_slots=1, max_len=64).generate([[3, 1, 4]], params)[0]
+    crowd = Engine(model, max_slots=4, max_len=64).generate([[2, 7], [3, 1, 4], [1, 8, 2, 8]], params)
+    assert crowd[1] == alone
+
+
+def test_bad_requests_are_refused_clearly(hf_pair):
+    _, model = hf_pair
+    engine = Engine(model, max_slots=1, max_len=32, max_queue=2)
+    with pytest.raises(EffdlError, match="more than this engine's max_len of 32"):
+        engine.add_request(list(range(30)), SamplingParams(max_tokens=8))
+    with pytest.raises(EffdlError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(EffdlError, match=r"\[0, 300\)"):
+        engine.add_request([1, 300])
+    with pytest.raises(EffdlError, match="no tokenizer"):
+        engine.add_request("text")
+    with pytest.raises(EffdlError, match="max_tokens must be positive"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(EffdlError, match="unknown policy"):
+        Engine(model, policy="greedy")
+    engine.add_request([1]), engine.add_request([2])
+    with pytest.raises(QueueFull):
+        engine.add_request([3])
+
+
+def test_async_engine_streams_and_aborts_on_early_exit(hf_pair, hf_reference):
+    _, model = hf_pair
+    workload, expected = hf_reference
+    engine = AsyncEngine(Engine(model, max_slots=3, max_len=96)).start()
+
+    async def run(prompt, n):
+        return [t async for out in engine.generate(prompt, SamplingParams(max_tokens=n)) for t in out.new_token_ids]
+
+    async def leave_early():
+        async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=60)):
+            break  # a client that went away
+
+    async def main():
+        results = await asyncio.gather(leave_early(), *(run(p, n) for _, p, n in workload))
+        await engine.shutdown()
+        return results[1:]
+
+    assert asyncio.run(main()) == expected
+    assert engine.engine.scheduler.slots.n_free == 3 and not engine.engine.requests
