@@ -270,7 +270,8 @@ def _completion_logprobs(tokenizer: Tokenizer | None, tokens: list[int], entries
     """OpenAI's legacy ``logprobs`` object: sampled tokens, their logprobs and the top alternatives."""
 
     def show(token: int) -> str:
-        return tokenizer.decode([token]) if tokenizer is not None else str(token)
+        text = tokenizer.decode([token]) if tokenizer is not None else "\ufffd"
+        return f"token_id:{token}" if "\ufffd" in text else text  # as vLLM names tokens that are not text
 
     return {"tokens": [show(t) for t in tokens], "token_logprobs": [e[t] for t, e in zip(tokens, entries, strict=True)],
             "top_logprobs": [{show(t): lp for t, lp in e.items()} for e in entries],
