@@ -78,6 +78,7 @@ class CompletionRequest(_Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
+    return_tokens_as_token_ids: bool = False  # vLLM's extra: logprobs name tokens "token_id:N"
 
 
 class ChatMessage(BaseModel):
@@ -180,7 +181,9 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
         outputs = await _start(engine, prompt, params, rid)
 
         def logprobs(tokens: list[int], entries: list[dict[int, float]]) -> dict | None:
-            return None if params.logprobs is None else _completion_logprobs(tokenizer, tokens, entries)
+            if params.logprobs is None:
+                return None
+            return _completion_logprobs(None if body.return_tokens_as_token_ids else tokenizer, tokens, entries)
 
         def chunk(out: RequestOutput) -> dict:
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
