@@ -105,7 +105,7 @@ def _flover_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
           policy=args.policy, shuffle=not args.no_shuffle, prefill_chunk=args.prefill_chunk,
-          max_queue=args.max_queue, name=args.name, device=args.device)
+          max_queue=args.max_queue, name=args.name, device=args.device, tp=args.tp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens prefilled per step")
     sv.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun with as many)")
     sv.set_defaults(run=_flover_serve)
     return parser
 

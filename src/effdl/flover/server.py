@@ -357,16 +357,34 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 16,
           max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 256,
-          max_queue: int = 1024, name: str | None = None, device: str = "auto") -> None:
-    """Load the model and serve it until interrupted (what ``effdl flover serve`` runs)."""
+          max_queue: int = 1024, name: str | None = None, device: str = "auto", tp: int = 1) -> None:
+    """Load the model and serve it until interrupted (what ``effdl flover serve`` runs).
+
+    With ``tp > 1`` (under ``torchrun --nproc-per-node tp``) every rank holds a
+    slice of the model; rank 0 schedules and serves HTTP, the others execute.
+    """
     import uvicorn
 
     from effdl.core.trainer import resolve_device
+    from effdl.dist.launch import init_from_env
+    from effdl.flover.tp import tp_engine
 
-    model, tokenizer, served = load_model(model_spec, resolve_device(device))
-    engine = Engine(model, tokenizer, max_slots=max_slots, max_len=max_len, policy=policy, shuffle=shuffle,
-                    prefill_chunk=prefill_chunk, max_queue=max_queue)
+    _, world, dist_device = init_from_env() if tp > 1 else (0, 1, None)
+    if world != tp:
+        raise EffdlError(f"--tp {tp} needs {tp} processes: run `torchrun --nproc-per-node {tp} -m effdl.cli "
+                         f"flover serve ...` (this is {world})")
+    model, tokenizer, served = load_model(model_spec, dist_device or resolve_device(device))
+    options = dict(max_slots=max_slots, max_len=max_len, policy=policy, shuffle=shuffle,
+                   prefill_chunk=prefill_chunk, max_queue=max_queue)
+    params = model.config.num_params()
+    engine = tp_engine(model, tokenizer, **options) if tp > 1 else Engine(model, tokenizer, **options)
+    if engine is None:
+        return  # a follower rank: rank 0 has stopped
     app = create_app(AsyncEngine(engine), name or served, tokenizer)
-    print(f"serving {name or served} ({model.config.num_params() / 1e6:,.1f}M params, {policy}, {max_slots} slots, "
+    print(f"serving {name or served} ({params / 1e6:,.1f}M params, tp {tp}, {policy}, {max_slots} slots, "
           f"max_len {engine.max_len}) on http://{host}:{port}/v1")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        if tp > 1:
+            engine.runner.stop()
