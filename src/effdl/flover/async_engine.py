@@ -147,11 +147,12 @@ class AsyncEngine:
             self._wake.wait(self.idle_wait_s)
             self._wake.clear()
             return
+        steps = self.engine.stats["steps"]
         outputs = self.engine.step()
         self._gauges = {"queue_length": scheduler.num_waiting, "live_slots": scheduler.num_running,
                         "free_slots": scheduler.slots.n_free}
-        if not outputs:
-            due = scheduler.next_admission()  # a static batch filling up
+        if self.engine.stats["steps"] == steps:  # nothing to run: a static batch is still filling up
+            due = scheduler.next_admission()
             self._wake.wait(max(0.0, min(self.idle_wait_s, due - time.monotonic())) if due else 0.001)
             self._wake.clear()
         self._publish(outputs)
