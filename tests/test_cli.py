@@ -39,7 +39,8 @@ def test_demo_quick(tmp_path):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Language model" in report and "lm_loss.png" in report
     assert "SOFT" in report and "soft_attention.png" in report
-    for plot in ("lm_loss.png", "soft_attention.png"):
+    assert "Flover" in report and "flover_latency.png" in report
+    for plot in ("lm_loss.png", "soft_attention.png", "flover_latency.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
 
 
@@ -49,7 +50,9 @@ def test_demo_quick(tmp_path):
         (["lm", "generate", "--model", "/does/not/exist"], "checkpoint folder /does/not/exist does not exist"),
         (["lm", "train", "--preset", "huge"], "unknown preset 'huge'; valid presets: tiny"),
         (["lm", "train", "--steps", "0"], "steps must be positive"),
-        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft"),
+        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft, flover"),
+        (["flover", "serve", "--model", "nothing-here"], "--model 'nothing-here' is neither a checkpoint folder"),
+        (["flover", "serve", "--tp", "2"], "--tp 2 needs 2 processes"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

@@ -68,7 +68,14 @@ def _soft_stage(out_dir: Path, quick: bool) -> StageReport:
     return soft_stage(out_dir, quick)
 
 
-STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage, "soft": _soft_stage}
+def _flover_stage(out_dir: Path, quick: bool) -> StageReport:
+    from effdl.flover.demo import flover_stage
+
+    return flover_stage(out_dir, quick)
+
+
+STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage, "soft": _soft_stage,
+                                                          "flover": _flover_stage}
 
 
 def run_demo(out_dir: str | Path = "effdl-demo", only: str | None = None, quick: bool = False) -> Path:
