@@ -126,8 +126,6 @@ class Engine:
         """Sample ``request``'s next token from its logits (V,), then apply its stop rules."""
         p = request.params
         token = int(sample_next(logits[None], p.temperature, p.top_p, p.top_k, request.generator)[0])
-        if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
         request.output.append(token)
         new_logprobs = []
         if p.logprobs is not None:
@@ -136,7 +134,6 @@ class Engine:
             entry = {token: float(logp[token])}
             if top is not None:
                 entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            request.logprobs.append(entry)
             new_logprobs = [entry]
 
         stop_ids = set(p.stop_token_ids) | ({self.config.eos_id} if self.config.eos_id is not None
@@ -190,8 +187,3 @@ class Engine:
                     raise EffdlError(f"request {out.id} failed: {out.error}")
                 outputs[out.id] += out.new_token_ids
         return [outputs[rid] for rid in ids]
-
-    @property
-    def status_counts(self) -> dict[str, int]:
-        return {"waiting": self.scheduler.num_waiting, "running": self.scheduler.num_running,
-                "free_slots": self.scheduler.slots.n_free}

@@ -52,12 +52,10 @@ class Request:
     slot: int | None = None
     num_computed: int = 0
     output: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token: {token: logprob}
     text: str = ""
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     generator: torch.Generator | None = None
-    first_token_time: float | None = None
 
     @property
     def prefilled(self) -> bool:
