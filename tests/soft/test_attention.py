@@ -121,3 +121,20 @@ def test_low_precision_inputs_give_finite_output_close_to_fp32(dtype):
     low = nystrom_gaussian_attention(q.to(dtype), landmarks.to(dtype), v.to(dtype))
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     assert _rel_err(low, reference) < 0.02
+
+
+def test_landmark_grid_is_capped_so_larger_inputs_keep_m_fixed(monkeypatch):
+    import effdl.soft.attention as attention
+
+    seen = []
+    real = attention.nystrom_gaussian_attention
+    monkeypatch.setattr(attention, "nystrom_gaussian_attention", lambda q, lm, v, it: seen.append(lm.shape) or
+                        real(q, lm, v, it))
+    capped, uncapped = SoftAttention(32, 2, 8, 3), SoftAttention(32, 2, 8, 3, landmark_grid=None)
+    uncapped.load_state_dict(capped.state_dict())
+    x = torch.randn(2, 56 * 56, 32)
+    torch.testing.assert_close(capped(x, (56, 56)), uncapped(x, (56, 56)))  # 224 px: the cap changes nothing
+    big = torch.randn(1, 112 * 112, 32)
+    capped(big, (112, 112))
+    uncapped(big, (112, 112))
+    assert [s[2] for s in seen] == [49, 49, 49, 196]  # 448 px: M stays 7 x 7 instead of 14 x 14

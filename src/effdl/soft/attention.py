@@ -126,10 +126,17 @@ class SoftAttention(nn.Module):
     shared across heads) + LayerNorm + GELU on the query grid. A depthwise
     conv over the value grid (kernel ``conv_size``) is added to the output, as
     in the paper's reference code (one filter per head, shared by its D channels).
+
+    The bottleneck grid is capped at ``landmark_grid`` per side (7, the grid
+    every stage has at 224 px): a larger input pools the conv's output down to
+    it, so M stays fixed and the cost stays linear in the tokens instead of
+    growing as N^2 / sr_ratio^4. At 224 px and below the cap changes nothing.
     """
 
-    def __init__(self, dim: int, num_heads: int, sr_ratio: int, conv_size: int, newton_iters: int = 20):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, conv_size: int, newton_iters: int = 20,
+                 landmark_grid: int | None = 7):
         super().__init__()
+        self.landmark_grid = landmark_grid
         if dim % num_heads:
             raise EffdlError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim, self.sr_ratio = num_heads, dim // num_heads, sr_ratio
@@ -150,7 +157,11 @@ class SoftAttention(nn.Module):
         v = self.v(x).view(B, N, H, D).transpose(1, 2)  # (B, H, N, D)
 
         q_grid = q.reshape(B * H, h, w, D).permute(0, 3, 1, 2)  # (B*H, D, h, w)
-        landmarks = self.landmark(q_grid).flatten(2).transpose(1, 2)  # (B*H, M, D)
+        landmarks = self.landmark(q_grid)  # (B*H, D, h', w')
+        if self.landmark_grid is not None and max(landmarks.shape[-2:]) > self.landmark_grid:
+            capped = tuple(min(side, self.landmark_grid) for side in landmarks.shape[-2:])
+            landmarks = F.adaptive_avg_pool2d(landmarks, capped)  # (B*H, D, <=7, <=7)
+        landmarks = landmarks.flatten(2).transpose(1, 2)  # (B*H, M, D)
         landmarks = F.gelu(self.landmark_norm(landmarks)).view(B, H, -1, D)  # (B, H, M, D)
         out = nystrom_gaussian_attention(q, landmarks, v, self.newton_iters).to(x.dtype)  # (B, H, N, D)
 
