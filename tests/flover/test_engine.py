@@ -222,3 +222,24 @@ def test_async_engine_streams_and_aborts_on_early_exit(hf_pair, hf_reference):
 
     assert asyncio.run(main()) == expected
     assert engine.engine.scheduler.slots.n_free == 3 and not engine.engine.requests
+
+
+def test_shutdown_without_drain_cancels_cleanly(hf_pair):
+    _, model = hf_pair
+    engine = AsyncEngine(Engine(model, max_slots=2, max_len=96)).start()
+
+    async def main():
+        async def consume():
+            return [out async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=80))]
+
+        streams = [asyncio.ensure_future(consume()) for _ in range(3)]  # two running, one queued
+        while engine.metrics()["live_slots"] < 2:
+            await asyncio.sleep(0.005)
+        await engine.shutdown(drain=False)
+        with pytest.raises(EffdlError, match="shutting down"):
+            await anext(engine.generate([1], SamplingParams(max_tokens=2)))
+        return await asyncio.gather(*streams)
+
+    for outputs in asyncio.run(main()):
+        assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    assert not engine.engine.requests and engine.engine.scheduler.slots.n_free == 2

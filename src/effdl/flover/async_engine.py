@@ -89,6 +89,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        self._drain_inbox()  # the aborts above, if the loop stopped before reading them
 
     # -- requests -----------------------------------------------------------------------------------------
 
