@@ -151,7 +151,7 @@ class RequestMetrics:
     finish_s: float | None = None  # the last token, or the error
     token_times_s: list[float] = field(default_factory=list)  # one per streamed token (HTTP: per chunk)
     num_output_tokens: int = 0  # HTTP: the server's usage count when it sends one, else the chunk count
-    output_ids: list[int] | None = None  # in-process only: HTTP streams text
+    output_ids: list[int] | None = None  # in-process, or HTTP with replay(..., token_ids=True)
     text: str = ""
     finish_reason: str | None = None
     error: str | None = None
@@ -162,8 +162,8 @@ class RequestMetrics:
 
 
 async def replay(workload: Sequence[WorkloadRequest], target: AsyncEngine | str, model: str | None = None,
-                 timeout_s: float | None = None, on_finish: Callable[[RequestMetrics], None] | None = None
-                 ) -> list[RequestMetrics]:
+                 timeout_s: float | None = None, on_finish: Callable[[RequestMetrics], None] | None = None,
+                 token_ids: bool = False) -> list[RequestMetrics]:
     """Send every request of ``workload`` at its arrival time and record its stream; returns them in order.
 
     ``target`` is a started in-process ``AsyncEngine`` or the base URL of an
@@ -172,6 +172,9 @@ async def replay(workload: Sequence[WorkloadRequest], target: AsyncEngine | str,
     greedy, ``ignore_eos`` so every request runs to ``max_tokens``.
     A request that fails, or runs past ``timeout_s``, records its error and the
     rest go on. ``on_finish`` is called as each request ends (progress bars).
+    ``token_ids`` (HTTP only; in-process replays always have them) also asks
+    for the generated token ids, as vLLM gives them (``"logprobs": 0`` with
+    ``"return_tokens_as_token_ids"``), into ``RequestMetrics.output_ids``.
     """
     if isinstance(target, str):
         if not target.startswith(("http://", "https://")):
@@ -181,8 +184,8 @@ async def replay(workload: Sequence[WorkloadRequest], target: AsyncEngine | str,
         # No connection limit: a pool cap would queue requests in the client, not the server.
         async with httpx.AsyncClient(base_url=target.rstrip("/"), timeout=None,
                                      limits=httpx.Limits(max_connections=None)) as client:
-            return await _replay(workload, lambda r, m, t0: _stream_http(client, model, r, m, t0), timeout_s,
-                                 on_finish)
+            return await _replay(workload, lambda r, m, t0: _stream_http(client, model, r, m, t0, token_ids),
+                                 timeout_s, on_finish)
     return await _replay(workload, lambda r, m, t0: _stream_engine(target, r, m, t0), timeout_s, on_finish)
 
 
@@ -233,9 +236,12 @@ async def _stream_engine(engine: AsyncEngine, request: WorkloadRequest, metrics:
 
 
 async def _stream_http(client: httpx.AsyncClient, model: str, request: WorkloadRequest, metrics: RequestMetrics,
-                       t0: float) -> None:
+                       t0: float, token_ids: bool = False) -> None:
     body = {"model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if token_ids:  # the sampled tokens come back as logprobs.tokens, each named "token_id:N"
+        body |= {"logprobs": 0, "return_tokens_as_token_ids": True}
+        metrics.output_ids = []
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise EffdlError(f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace'):.300}")
@@ -256,6 +262,8 @@ async def _stream_http(client: httpx.AsyncClient, model: str, request: WorkloadR
                 metrics.token_times_s.append(now)
                 metrics.num_output_tokens = len(metrics.token_times_s)
                 metrics.text += choice.get("text") or ""
+                if token_ids:
+                    metrics.output_ids += [_token_id(t) for t in (choice.get("logprobs") or {}).get("tokens", [])]
                 metrics.finish_reason = choice.get("finish_reason") or metrics.finish_reason
                 metrics.finish_s = now
             usage = chunk.get("usage") or {}  # OpenAI sends "usage": null on every chunk but the last
@@ -263,6 +271,12 @@ async def _stream_http(client: httpx.AsyncClient, model: str, request: WorkloadR
                 metrics.num_output_tokens = usage["completion_tokens"]
     if metrics.finish_reason is None:
         raise EffdlError("the stream ended without a finish_reason")
+
+
+def _token_id(token: str) -> int:
+    if not token.startswith("token_id:"):
+        raise EffdlError(f"expected a token named 'token_id:N' (return_tokens_as_token_ids), got {token!r}")
+    return int(token.removeprefix("token_id:"))
 
 
 # -- summarising --------------------------------------------------------------------------------------------
