@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-len", type=int, default=None, help="prompt + output tokens per slot (default: model's)")
     sv.add_argument("--policy", choices=["fused", "static", "sequential"], default="fused")
     sv.add_argument("--no-shuffle", action="store_true", help="turn the KV memory shuffle off")
-    sv.add_argument("--prefill-chunk", type=int, default=256, help="most prompt tokens prefilled per step")
+    sv.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="most prompt tokens prefilled per step (smaller: steadier decode, slower prefill)")
     sv.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 503")
     sv.add_argument("--device", default="auto")
     sv.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (run under torchrun with as many)")

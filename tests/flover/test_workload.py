@@ -222,6 +222,7 @@ def test_replay_over_http_matches_in_process(tiny):
             time.sleep(0.01)
         url = f"http://127.0.0.1:{port}"
         metrics = asyncio.run(replay(WORKLOAD, url, model="tiny"))
+        with_ids = asyncio.run(replay(WORKLOAD, url, model="tiny", token_ids=True))
         (wrong,) = asyncio.run(replay(WORKLOAD[:1], url, model="other"))
     finally:
         server.should_exit = True
@@ -233,6 +234,8 @@ def test_replay_over_http_matches_in_process(tiny):
         assert m.num_output_tokens == len(m.token_times_s) == request.max_tokens and m.output_ids is None
         expected = offline.generate([request.prompt], SamplingParams(max_tokens=request.max_tokens, ignore_eos=True))
         assert m.text == tokenizer.decode(expected[0])
+    assert [m.output_ids for m in with_ids] == [
+        offline.generate([r.prompt], SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))[0] for r in WORKLOAD]
     assert wrong.error.startswith("EffdlError: HTTP 404") and "`other` does not exist" in wrong.error
 
 

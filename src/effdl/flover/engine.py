@@ -27,7 +27,7 @@ from effdl.flover.scheduler import Scheduler, StepPlan
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_slots: int = 8,
-                 max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 256,
+                 max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
                  batch_window_s: float = 0.0, max_queue: int = 1024, runner: ModelRunner | None = None):
         self.config, self.tokenizer = model.config, tokenizer
         self.max_len = max_len or model.config.max_seq_len

@@ -68,7 +68,7 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, n_slots: int, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 256,
+    def __init__(self, n_slots: int, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
                  batch_window_s: float = 0.0, max_queue: int = 1024):
         if policy not in POLICIES:
             raise EffdlError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")

@@ -356,7 +356,7 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 16,
-          max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 256,
+          max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
           max_queue: int = 1024, name: str | None = None, device: str = "auto", tp: int = 1) -> None:
     """Load the model and serve it until interrupted (what ``effdl flover serve`` runs).
 
