@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--name", help="model name clients send (default: folder or preset name)")
     sv.add_argument("--max-slots", type=int, default=16, help="KV slots = most requests decoding at once")
-    sv.add_argument("--max-len", type=int, default=None, help="prompt + output tokens per slot (default: model's)")
+    sv.add_argument("--max-len", type=int, default=None,
+                    help="prompt + output tokens per slot (default: the model's, at most 4096)")
     sv.add_argument("--policy", choices=["fused", "static", "sequential"], default="fused")
     sv.add_argument("--no-shuffle", action="store_true", help="turn the KV memory shuffle off")
     sv.add_argument("--prefill-chunk", type=int, default=2048,

@@ -243,3 +243,9 @@ def test_shutdown_without_drain_cancels_cleanly(hf_pair):
     for outputs in asyncio.run(main()):
         assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
     assert not engine.engine.requests and engine.engine.scheduler.slots.n_free == 2
+
+
+def test_an_oversized_kv_pool_is_a_clear_error(hf_pair):
+    _, model = hf_pair
+    with pytest.raises(EffdlError, match=r"KV pool \(100000000 slots x 256 tokens\) needs .* GiB"):
+        Engine(model, max_slots=100_000_000, max_len=256)

@@ -24,13 +24,16 @@ from effdl.flover.request import Request, RequestOutput, SamplingParams
 from effdl.flover.runner import ModelRunner
 from effdl.flover.scheduler import Scheduler, StepPlan
 
+DEFAULT_MAX_LEN = 4096
+
 
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_slots: int = 8,
                  max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
                  batch_window_s: float = 0.0, max_queue: int = 1024, runner: ModelRunner | None = None):
         self.config, self.tokenizer = model.config, tokenizer
-        self.max_len = max_len or model.config.max_seq_len
+        # Long-context checkpoints (128K for Llama 3) would make a default pool of every slot at full length.
+        self.max_len = max_len or min(model.config.max_seq_len, DEFAULT_MAX_LEN)
         if self.max_len > model.config.max_seq_len:
             raise EffdlError(f"max_len {self.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.scheduler = Scheduler(max_slots, policy, shuffle, prefill_chunk, batch_window_s, max_queue)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from effdl.core.transformer import Transformer
+from effdl.errors import EffdlError
 from effdl.flover.kvpool import KVPool
 from effdl.flover.scheduler import PrefillChunk, StepPlan
 
@@ -15,7 +16,13 @@ class ModelRunner:
         param = next(model.parameters())
         self.model, self.max_len = model.eval(), max_len
         self.device = param.device
-        self.pool = KVPool(model.config, n_slots, max_len, param.device, param.dtype)
+        cfg = model.config
+        pool_bytes = 2 * cfg.n_layers * n_slots * cfg.n_kv_heads * max_len * cfg.head_dim * param.element_size()
+        try:
+            self.pool = KVPool(cfg, n_slots, max_len, param.device, param.dtype)
+        except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
+            raise EffdlError(f"the KV pool ({n_slots} slots x {max_len} tokens) needs {pool_bytes / 2**30:.1f} GiB "
+                             f"on {param.device} and could not be allocated; lower max_slots or max_len") from error
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[list[str], Tensor]:
