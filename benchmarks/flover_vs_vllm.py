@@ -20,7 +20,6 @@ import asyncio
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from effdl.core.config import ModelConfig
 from effdl.core.hf import save_checkpoint
 from effdl.core.transformer import Transformer
+from effdl.dist.launch import free_port
 from effdl.flover.workload import RequestMetrics, WorkloadRequest, poisson_workload, replay, summarize
 from effdl.progress import console
 from effdl.report import bar_plot
@@ -108,12 +108,6 @@ def server_commands(checkpoint: Path, port: int, max_slots: int, max_len: int) -
                "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", str(max_len),
                "--max-num-seqs", str(max_slots), "--seed", "0"],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

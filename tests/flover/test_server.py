@@ -2,45 +2,26 @@
 
 import asyncio
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
 from effdl.core.config import ModelConfig
 from effdl.core.generate import generate
 from effdl.core.tokenizer import ByteTokenizer
 from effdl.core.transformer import Transformer
-from effdl.dist.launch import free_port
 from effdl.flover import Engine
 from effdl.flover.async_engine import AsyncEngine
-from effdl.flover.server import create_app
+from effdl.flover.server import create_app, serve_in_thread
 
 TOK = ByteTokenizer()
 
 
-class Server:
-    """A uvicorn server on a thread; ``url`` once it listens."""
-
-    def __init__(self, engine: AsyncEngine, name: str = "tiny"):
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(create_app(engine, name, TOK), port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+def _serve(engine: AsyncEngine, name: str = "tiny"):
+    return serve_in_thread(create_app(engine, name, TOK))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +38,7 @@ def model():
 @pytest.fixture(scope="module")
 def served(model):
     engine = AsyncEngine(Engine(model, TOK, max_slots=4, max_len=256))
-    with Server(engine) as url:
+    with _serve(engine) as url:
         yield url, engine
 
 
@@ -202,7 +183,7 @@ def test_chat_bad_messages(served):
 
 def test_full_queue_answers_503_then_recovers(model):
     engine = AsyncEngine(Engine(model, TOK, max_slots=1, max_len=512, max_queue=1))
-    with Server(engine) as url:
+    with _serve(engine) as url:
         async def main():
             async with httpx.AsyncClient(timeout=120) as client:
                 long = {"model": "tiny", "prompt": "a", "max_tokens": 400, "ignore_eos": True}

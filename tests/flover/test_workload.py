@@ -4,14 +4,10 @@ import asyncio
 import itertools
 import json
 import math
-import socket
 import statistics
-import threading
-import time
 
 import pytest
 import torch
-import uvicorn
 
 from effdl.core.config import ModelConfig
 from effdl.core.tokenizer import ByteTokenizer
@@ -19,7 +15,7 @@ from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.flover import Engine, SamplingParams
 from effdl.flover.async_engine import AsyncEngine
-from effdl.flover.server import create_app
+from effdl.flover.server import create_app, serve_in_thread
 from effdl.flover.workload import (
     RequestMetrics,
     WorkloadRequest,
@@ -209,33 +205,20 @@ def test_replay_timeout_aborts_the_request_and_frees_its_slot(tiny):
 
 
 def test_replay_over_http_matches_in_process(tiny):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = create_app(AsyncEngine(Engine(tiny, ByteTokenizer(), max_slots=3, max_len=32)), "tiny", ByteTokenizer())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        url = f"http://127.0.0.1:{port}"
+    with serve_in_thread(app) as url:
         metrics = asyncio.run(replay(WORKLOAD, url, model="tiny"))
         with_ids = asyncio.run(replay(WORKLOAD, url, model="tiny", token_ids=True))
         (wrong,) = asyncio.run(replay(WORKLOAD[:1], url, model="other"))
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
     tokenizer = ByteTokenizer()
     offline = Engine(tiny, max_slots=1, max_len=32)
-    for m, request in zip(metrics, WORKLOAD, strict=True):
+    expected = [offline.generate([r.prompt], SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))[0]
+                for r in WORKLOAD]
+    for m, request, tokens in zip(metrics, WORKLOAD, expected, strict=True):
         _assert_timeline(m)
         assert m.num_output_tokens == len(m.token_times_s) == request.max_tokens and m.output_ids is None
-        expected = offline.generate([request.prompt], SamplingParams(max_tokens=request.max_tokens, ignore_eos=True))
-        assert m.text == tokenizer.decode(expected[0])
-    assert [m.output_ids for m in with_ids] == [
-        offline.generate([r.prompt], SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))[0] for r in WORKLOAD]
+        assert m.text == tokenizer.decode(tokens)
+    assert [m.output_ids for m in with_ids] == expected
     assert wrong.error.startswith("EffdlError: HTTP 404") and "`other` does not exist" in wrong.error
 
 

@@ -64,7 +64,7 @@ class AsyncEngine:
         self._accepting = True
         self.ttft, self.latency = Histogram(), Histogram()
         self.tokens_total = 0
-        self._gauges = {"queue_length": 0, "live_slots": 0, "free_slots": engine.scheduler.slots.n_free}
+        self._gauges = self._read_gauges()
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of the last steps, for tokens/s
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -142,18 +142,16 @@ class AsyncEngine:
 
     def _iterate(self) -> None:
         self._drain_inbox()
-        scheduler = self.engine.scheduler
         if not self.engine.has_unfinished():
-            self._gauges = {"queue_length": 0, "live_slots": 0, "free_slots": scheduler.slots.n_free}
+            self._gauges = self._read_gauges()
             self._wake.wait(self.idle_wait_s)
             self._wake.clear()
             return
         steps = self.engine.stats["steps"]
         outputs = self.engine.step()
-        self._gauges = {"queue_length": scheduler.num_waiting, "live_slots": scheduler.num_running,
-                        "free_slots": scheduler.slots.n_free}
+        self._gauges = self._read_gauges()
         if self.engine.stats["steps"] == steps:  # nothing to run: a static batch is still filling up
-            due = scheduler.next_admission()
+            due = self.engine.scheduler.next_admission()
             self._wake.wait(max(0.0, min(self.idle_wait_s, due - time.monotonic())) if due else 0.001)
             self._wake.clear()
         self._publish(outputs)
@@ -192,6 +190,12 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
 
     # -- observability ------------------------------------------------------------------------------------
+
+    def _read_gauges(self) -> dict[str, int]:
+        """Scheduler counts, read on the loop thread so ``metrics()`` never iterates state it is changing."""
+        scheduler = self.engine.scheduler
+        return {"queue_length": scheduler.num_waiting, "live_slots": scheduler.num_running,
+                "free_slots": scheduler.slots.n_free}
 
     def metrics(self) -> dict[str, float]:
         now = time.monotonic()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,30 +13,9 @@ from effdl.core.transformer import Transformer
 from effdl.demo import StageReport
 from effdl.flover.async_engine import AsyncEngine
 from effdl.flover.engine import Engine
+from effdl.flover.server import create_app, serve_in_thread
 from effdl.flover.workload import poisson_workload, replay, summarize
 from effdl.report import bar_plot, markdown_table
-
-
-@contextmanager
-def local_server(engine: AsyncEngine, name: str):
-    """The OpenAI-compatible server for ``engine`` on a free loopback port; yields its base URL."""
-    import uvicorn
-
-    from effdl.dist.launch import free_port
-    from effdl.flover.server import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name, ByteTokenizer()), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join()
 
 
 def flover_stage(out_dir: Path, quick: bool) -> StageReport:
@@ -54,7 +30,7 @@ def flover_stage(out_dir: Path, quick: bool) -> StageReport:
     for policy in ("fused", "static"):
         engine = AsyncEngine(Engine(model, ByteTokenizer(), max_slots=n, max_len=128, policy=policy,
                                     batch_window_s=0.1))
-        with local_server(engine, preset) as url:
+        with serve_in_thread(create_app(engine, preset, ByteTokenizer())) as url:
             metrics = asyncio.run(replay(workload, url, model=preset, timeout_s=120.0))
         summaries[policy] = summarize(metrics)
     fused, static = summaries["fused"], summaries["static"]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -330,6 +331,32 @@ def _stream(http: Request, outputs: AsyncIterator[RequestOutput], chunk: Callabl
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, startup_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port in a daemon thread; yields its base URL.
+
+    For tests, demos and in-process benchmarks; ``effdl flover serve`` runs uvicorn in the foreground.
+    """
+    import uvicorn
+
+    from effdl.dist.launch import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise EffdlError(f"the server on port {port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
