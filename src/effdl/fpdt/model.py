@@ -105,7 +105,7 @@ def spill_bytes(model: Transformer, batch: int, seq_len: int, cfg: FPDTConfig, d
     return mc.n_layers * tokens * (per_token * dtype.itemsize + per_token_fp32 * 4)
 
 
-class _Pipeline:
+class ChunkPipeline:
     """What every layer's chunk loop shares for one training step: layout, positions, store, process group."""
 
     def __init__(self, model: Transformer, cfg: FPDTConfig, seq_len: int, group: dist.ProcessGroup | None,
@@ -149,7 +149,7 @@ class _FPDTBlock(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x: Tensor, pipe: _Pipeline, index: int) -> Tensor:
+    def forward(ctx, x: Tensor, pipe: ChunkPipeline, index: int) -> Tensor:
         layer, store = pipe.model.layers[index], pipe.store
         y = torch.empty_like(x)  # (B, S_l, D)
         for i, (start, end) in enumerate(pipe.local_bounds):
@@ -211,6 +211,11 @@ class _OnBackwardEnd(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         torch.autograd.Variable._execution_engine.queue_callback(ctx.callback)
         return grad, None
+
+
+def on_backward_end(loss: Tensor, callback: Callable[[], None]) -> Tensor:
+    """``loss`` unchanged; ``callback`` runs once the backward pass from it has finished (gradients complete)."""
+    return _OnBackwardEnd.apply(loss, callback)
 
 
 def sum_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
@@ -275,7 +280,7 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
     if on_store is not None:
         on_store(store)
     try:
-        pipe = _Pipeline(model, cfg, S, group, store)
+        pipe = ChunkPipeline(model, cfg, S, group, store)
         h = model.tok_embeddings(tokens[:, index])  # (B, S_l, D)
         for i in range(len(model.layers)):
             h = _FPDTBlock.apply(h, pipe, i)
@@ -294,4 +299,4 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
         store.close()
         sum_gradients(model, group)
 
-    return _OnBackwardEnd.apply(loss, finish)
+    return on_backward_end(loss, finish)

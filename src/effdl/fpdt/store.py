@@ -77,6 +77,9 @@ class OffloadStore:
     def prefetch(self, key: Hashable) -> None:
         """Start bringing ``key`` back to the compute device (a no-op where it never left)."""
 
+    def flush(self) -> None:
+        """Wait until everything put so far has reached its destination (raises a failed write's error)."""
+
     def discard(self, key: Hashable) -> None:
         """Forget ``key`` and free what it used; unknown keys are ignored."""
         tensor = self._tensors.pop(key, None)
@@ -249,6 +252,11 @@ class DiskStore(OffloadStore):
         tensor = read.result() if read is not None else self._read(key)
         self._count(resident=-_nbytes(tensor))  # handed over: the caller owns it now
         return tensor
+
+    def flush(self) -> None:
+        for key, write in list(self._writes.items()):
+            write.result()
+            self._writes.pop(key, None)
 
     def discard(self, key: Hashable) -> None:
         write, read = self._writes.pop(key, None), self._reads.pop(key, None)
