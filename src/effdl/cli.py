@@ -6,6 +6,9 @@
     effdl lm generate --model DIR [--prompt TEXT] [--max-tokens N] [--temperature T] ...
     effdl soft train [--model soft_tiny] [--img-size 64] [--epochs N] ... [--baseline pvt_v2_b1]
     effdl soft eval --checkpoint FILE
+    effdl fpdt train [--preset tiny] [--seq-len 16384] [--chunk-size 2048] [--offload disk] [--sp N under torchrun]
+    effdl fpdt plan [--model llama-8b] [--gpus 4] [--gpu-mem 40GiB]
+    effdl fpdt eval --model DIR [--seq-len 16384] [--out loss_by_position.png]
     effdl flover serve [--model DIR|preset] [--port 8000] [--max-slots 16] [--policy fused] [--tp N under torchrun]
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
@@ -17,8 +20,13 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from effdl.errors import EffdlError
+
+# `effdl fpdt train` defaults: one long sequence per step, a short schedule.
+FPDT_TRAIN_DEFAULTS = dict(preset="tiny", seq_len=16384, batch_size=1, steps=50, warmup_steps=5, eval_every=0,
+                           eval_batches=2, out_dir="runs/fpdt")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -108,9 +116,65 @@ def _flover_serve(args: argparse.Namespace) -> None:
           max_queue=args.max_queue, name=args.name, device=args.device, tp=args.tp)
 
 
+def _fpdt_train(args: argparse.Namespace) -> None:
+    from effdl.core.trainer import TrainConfig, resume_config
+    from effdl.fpdt.model import FPDTConfig
+    from effdl.fpdt.train import train_fpdt
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    cfg = resume_config(args.resume, **given) if args.resume else TrainConfig(**{**FPDT_TRAIN_DEFAULTS, **given})
+    fpdt = FPDTConfig(chunk_size=args.chunk_size, offload=args.offload, spill_dir=args.spill_dir, sp_size=args.sp)
+    result = train_fpdt(cfg, fpdt, resume=args.resume)
+    if result.checkpoint is not None:  # rank 0
+        print(f"trained to step {result.step} at {cfg.seq_len:,} tokens: val loss {result.evals[-1][1]:.4f}, "
+              f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
+
+
+def _fpdt_plan(args: argparse.Namespace) -> None:
+    from effdl.core.config import ModelConfig
+    from effdl.fpdt.plan import parse_bytes, plan
+    from effdl.report import print_table
+
+    cfg = ModelConfig.preset(args.model)
+    budget, rows = plan(cfg, args.gpus, parse_bytes(args.gpu_mem), args.chunk,
+                        elem=2 if args.dtype == "bf16" else 4, host_mem=parse_bytes(args.host_mem))
+    print_table(f"{args.model} on {args.gpus} x {args.gpu_mem}: {budget / 2**30:.1f} GiB per GPU for activations "
+                f"(ZeRO-3 model state, 10% reserve), {args.host_mem} host memory per node",
+                ["method", "ranks per sequence", "longest sequence", "activations GiB per GPU",
+                 "offloaded GiB per GPU"],
+                [[r.method, r.ranks, r.max_tokens, r.activation_bytes / 2**30, r.offloaded_bytes / 2**30]
+                 for r in rows])
+
+
+def _fpdt_eval(args: argparse.Namespace) -> None:
+    import itertools
+
+    import torch
+
+    from effdl.core.hf import load_checkpoint
+    from effdl.core.trainer import latest_checkpoint, resolve_device
+    from effdl.fpdt.train import loss_by_position
+    from effdl.report import line_plot, print_table
+
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file() and folder.is_dir():
+        folder = latest_checkpoint(folder)  # a run folder: its newest checkpoint
+    model = load_checkpoint(folder, device=resolve_device(args.device), dtype=torch.float32)
+    curve = loss_by_position(model, args.seq_len, args.windows)
+    edges = [0] + [2**k for k in range(4, args.seq_len.bit_length()) if 2**k < args.seq_len] + [args.seq_len]
+    rows = [[f"{a:,}-{b - 1:,}", curve[a:b].mean().item()] for a, b in itertools.pairwise(edges)]
+    print_table(f"held-out loss by position ({args.windows} windows of {args.seq_len:,} tokens)",
+                ["positions", "loss"], rows)
+    mids = [(a + b - 1) / 2 for a, b in itertools.pairwise(edges)]
+    line_plot(args.out, {"mean loss": (mids, [r[1] for r in rows])}, title="Held-out loss by token position",
+              xlabel="position in the sequence", ylabel="next-token loss (nats)", logx=True)
+    print(f"plot: {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
-    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,flover}")
+    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,fpdt,flover}")
 
     demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
     demo.add_argument("--only", help="run one stage (lm, soft, flover)")
@@ -176,6 +240,44 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--eval-subset", dest="eval_subset", type=int, help="first N test images (default all)")
     se.add_argument("--device", default="auto")
     se.set_defaults(run=_soft_eval)
+
+    fpdt = systems.add_parser("fpdt", help="train on very long sequences (FPDT: chunk pipeline + offload)"
+                              ).add_subparsers(dest="verb", required=True, metavar="{train,plan,eval}")
+    ft = fpdt.add_parser("train", help="train a preset at a long sequence length on the stdlib corpus")
+    ft.add_argument("--preset", help="model preset (default tiny)")
+    ft.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 16384)")
+    ft.add_argument("--chunk-size", type=int, default=2048, help="global chunk: tokens per pipeline step")
+    ft.add_argument("--offload", choices=["none", "host", "disk"], default="disk")
+    ft.add_argument("--spill-dir", help="where --offload disk spills (default: the system temp folder)")
+    ft.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks (run under torchrun with as many)")
+    ft.add_argument("--steps", type=int, help="total optimizer steps (default 50)")
+    ft.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 1)")
+    ft.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    ft.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 5)")
+    ft.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals (0 = end only)")
+    ft.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation sequences (default 2)")
+    ft.add_argument("--ckpt-every", dest="ckpt_every", type=int, help="steps between checkpoints (0 = end only)")
+    ft.add_argument("--out", dest="out_dir", help="output folder (default runs/fpdt)")
+    ft.add_argument("--seed", type=int)
+    ft.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
+    ft.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
+    ft.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
+    ft.set_defaults(run=_fpdt_train)
+    fp = fpdt.add_parser("plan", help="predict the longest trainable sequence per method (memory model)")
+    fp.add_argument("--model", default="llama-8b", help="model preset (see `effdl lm presets`)")
+    fp.add_argument("--gpus", type=int, default=4)
+    fp.add_argument("--gpu-mem", default="40GiB", help="memory per GPU, e.g. 40GiB, 80GB")
+    fp.add_argument("--chunk", type=int, default=65536, help="FPDT global chunk (the paper's 64K default)")
+    fp.add_argument("--host-mem", default="1TiB", help="host memory per node for FPDT's offloaded chunks")
+    fp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="activation dtype")
+    fp.set_defaults(run=_fpdt_plan)
+    fe = fpdt.add_parser("eval", help="held-out loss by token position of a checkpoint, as a table and PNG")
+    fe.add_argument("--model", required=True, help="HF-format checkpoint folder")
+    fe.add_argument("--seq-len", type=int, default=16384)
+    fe.add_argument("--windows", type=int, default=4, help="held-out windows averaged")
+    fe.add_argument("--out", default="loss_by_position.png")
+    fe.add_argument("--device", default="auto")
+    fe.set_defaults(run=_fpdt_eval)
 
     flover = systems.add_parser("flover", help="serve a model to requests arriving at random times (Flover)"
                                 ).add_subparsers(dest="verb", required=True, metavar="{serve}")

@@ -25,15 +25,17 @@ class TrainProgress:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn(val_label + " {task.fields[val]}"),
-            TextColumn("{task.fields[rate]} " + unit), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]} " + unit), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=console, disable=not enabled,
         )
         self._task = self._progress.add_task(description, total=total, completed=completed,
-                                             loss="-", val="-", rate="-")
+                                             loss="-", val="-", rate="-", status="")
 
-    def update(self, step: int, loss: float, rate: float, val: float | None) -> None:
+    def update(self, step: int, loss: float, rate: float, val: float | None, status: str = "") -> None:
+        """``status``: a short extra column (e.g. peak memory and MFU)."""
         self._progress.update(self._task, completed=step, loss=f"{loss:.3f}", rate=f"{rate:,.0f}",
-                              val="-" if val is None else f"{val:.3f}")
+                              val="-" if val is None else f"{val:.3f}", status=status)
 
     def __enter__(self) -> TrainProgress:
         self._progress.start()

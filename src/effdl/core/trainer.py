@@ -21,6 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -131,12 +132,16 @@ def evaluate(model: nn.Module, batches: list[tuple[Tensor, Tensor]], device: tor
 
 
 def train(cfg: TrainConfig, model: Transformer | None = None, loss_fn: LossFn = lm_loss,
-          resume: str | Path | None = None, progress: bool = True) -> TrainResult:
+          resume: str | Path | None = None, progress: bool = True,
+          status: Callable[[float], str] | None = None) -> TrainResult:
     """Train ``model`` (default: a fresh ``cfg.preset`` model) on the stdlib corpus.
 
     With ``resume``, weights, optimizer state and step come from that
     checkpoint folder (or the newest ``checkpoint-*`` inside it) and training
-    continues to ``cfg.steps``.
+    continues to ``cfg.steps``. ``status(tokens_per_s)`` adds a column to the
+    progress bar. Under a process group (sequence parallelism, where every
+    rank holds the same model) only rank 0 shows progress and writes
+    checkpoints.
     """
     from effdl.progress import TrainProgress
 
@@ -162,7 +167,8 @@ def train(cfg: TrainConfig, model: Transformer | None = None, loss_fn: LossFn = 
     out_dir = Path(cfg.out_dir)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     started, step = time.perf_counter(), start_step
-    with TrainProgress(cfg.steps, start_step, enabled=progress) as bar:
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    with TrainProgress(cfg.steps, start_step, enabled=progress and main_rank) as bar:
         while step < cfg.steps:
             inputs, targets = (t.to(device) for t in train_batches.batch(step))
             loss = train_step(model, optimizer, partial(loss_fn, model, inputs, targets), lr_at(step, cfg),
@@ -176,8 +182,9 @@ def train(cfg: TrainConfig, model: Transformer | None = None, loss_fn: LossFn = 
             if last or (cfg.eval_every and step % cfg.eval_every == 0):
                 history.evals.append((step, evaluate(model, val_batches, device, loss_fn)))
             bar.update(step, history.losses[-1][1], history.tokens_per_s,
-                       history.evals[-1][1] if history.evals else None)
-            if last or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+                       history.evals[-1][1] if history.evals else None,
+                       status(history.tokens_per_s) if status else "")
+            if main_rank and (last or (cfg.ckpt_every and step % cfg.ckpt_every == 0)):
                 history.checkpoint = save_training_checkpoint(model, optimizer, cfg, history, step, out_dir)
             if out_of_time:
                 break

@@ -71,6 +71,28 @@ def peak_rss_bytes() -> int:
     return _status_kib("VmHWM") * 1024
 
 
+def gemm_flops(size: int = 2048, device: torch.device | str = "cpu", repeat: int = 5) -> float:
+    """FLOP/s of a large fp32 (CPU) or bf16 (CUDA) matmul here: the denominator of MFU."""
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeat):
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if a.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs of one trained token: 6 per non-embedding parameter plus causal attention (6 L D S / 2 x 2)."""
+    return 6 * cfg.num_params(include_embeddings=False) + 6 * cfg.n_layers * cfg.dim * seq_len
+
+
 @dataclass
 class StepMeasure:
     method: str

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from effdl.core.config import ModelConfig
 from effdl.core.transformer import Block, Transformer, apply_rope, rope_cos_sin
 from effdl.errors import EffdlError
 from effdl.fpdt.attention import BACKENDS, attend_query_chunk, attention_backward_chunks, chunk_bounds
@@ -62,7 +63,7 @@ class FPDTConfig:
     spill_dir: str | None = None  # where "disk" spills (default: the system temp folder)
     sp_size: int = 1  # sequence-parallel ranks; must equal the process group's size
     backend: str = "auto"  # attention pair kernel: "auto" (flash where available) | "flash" | "math"
-    loss_chunk: int | None = None  # tokens per LM-head chunk (default: the local chunk)
+    loss_chunk: int | None = None  # tokens per LM-head chunk (default: default_loss_chunk(C / P))
 
     def __post_init__(self) -> None:
         if self.chunk_size <= 0:
@@ -96,13 +97,16 @@ def check_model(model: Transformer, cfg: FPDTConfig, seq_len: int, group: dist.P
                          f"use a chunk of at most {seq_len}")
 
 
-def spill_bytes(model: Transformer, batch: int, seq_len: int, cfg: FPDTConfig, dtype: torch.dtype) -> int:
-    """Upper bound on what one training step puts in the store on one rank (every layer's chunks at once)."""
-    mc, world = model.config, cfg.sp_size
-    per_token = mc.dim + 2 * (mc.n_heads + mc.n_kv_heads) * mc.head_dim // world  # x, q, out, dout, k, v
-    per_token_fp32 = (mc.n_heads * (mc.head_dim + 1)) // world  # dq accumulators, lse
-    tokens = batch * seq_len // world
-    return mc.n_layers * tokens * (per_token * dtype.itemsize + per_token_fp32 * 4)
+def spill_bytes(cfg: ModelConfig, batch: int, seq_len: int, sp_size: int, elem: int) -> int:
+    """Upper bound on what one training step puts in the store on one rank: every layer's chunks at once.
+
+    Per local token and layer: the layer input x (D), q, out and dout (H Dh
+    each: a rank holds all C / P tokens' worth of its H / P heads), k and v
+    (K Dh each), plus fp32 dQ accumulators and the log-sum-exp.
+    """
+    per_token = cfg.dim + (3 * cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    per_token_fp32 = cfg.n_heads * (cfg.head_dim + 1)
+    return cfg.n_layers * (batch * seq_len // sp_size) * (per_token * elem + per_token_fp32 * 4)
 
 
 class ChunkPipeline:
@@ -232,6 +236,11 @@ def _ce_sum(norm: nn.Module, head: nn.Module, h: Tensor, targets: Tensor) -> Ten
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def default_loss_chunk(local_chunk: int) -> int:
+    """LM-head tokens per step: 1/32 of the local chunk as in the reference (vocabularies are wide), >= 128."""
+    return min(local_chunk, max(128, local_chunk // 32))
+
+
 def chunked_lm_loss_sum(model: Transformer, h: Tensor, targets: Tensor, chunk: int) -> Tensor:
     """Summed cross-entropy of final hidden states (B, T, D) against targets (B, T), ``chunk`` tokens at a time.
 
@@ -274,9 +283,9 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
     tokens, targets = pad_to_multiple(tokens, targets, world)
     B, S = tokens.shape
     index = local_token_index(S, cfg.chunk_size, world, rank).to(tokens.device)  # (S_l,)
-    dtype = model.tok_embeddings.weight.dtype
-    store = make_store(cfg.offload, cfg.spill_dir, spill_bytes(model, B, S, cfg, dtype) if cfg.offload == "disk"
-                       else 0)
+    elem = model.tok_embeddings.weight.element_size()
+    store = make_store(cfg.offload, cfg.spill_dir,
+                       spill_bytes(model.config, B, S, world, elem) if cfg.offload == "disk" else 0)
     if on_store is not None:
         on_store(store)
     try:
@@ -286,7 +295,7 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
             h = _FPDTBlock.apply(h, pipe, i)
         local_targets = targets[:, index]  # (B, S_l)
         count = (targets != IGNORE_INDEX).sum().clamp_min(1)
-        loss_chunk = cfg.loss_chunk or pipe.local_bounds[0][1]
+        loss_chunk = cfg.loss_chunk or default_loss_chunk(pipe.local_bounds[0][1])
         loss = sum_across_ranks(chunked_lm_loss_sum(model, h, local_targets, loss_chunk) / count, group)
     except BaseException:
         store.close()

@@ -1,0 +1,178 @@
+"""FPDT vs plain training, activation checkpointing and Ulysses: longest sequence under one memory budget, and speed.
+
+    python benchmarks/fpdt_maxlen.py --part memory [--budget-mib 256 --max-len 65536]
+    python benchmarks/fpdt_maxlen.py --part throughput [--seq-len 2048]
+
+memory: for each method, a doubling search over sequence lengths. Every
+(method, length) runs one training step (forward, backward, AdamW) in a fresh
+process (two under torchrun for SP=2) and reports the peak RSS above the RSS
+just before the step (max over ranks); a method stops at the first length
+whose peak exceeds the budget. Every process fixes glibc's mmap threshold
+(``release_large_frees``) so freed buffers do not linger in any method's RSS.
+
+throughput: tokens/s of one training step at a length every method fits,
+interleaved rounds in one process, and MFU against a large-GEMM FLOP/s
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from harness import RESULTS, report, time_interleaved
+
+from effdl.core.config import ModelConfig
+from effdl.fpdt.memory import (
+    MiB,
+    gemm_flops,
+    loss_fn_for,
+    measure_step,
+    release_large_frees,
+    train_flops_per_token,
+    warmed_model,
+)
+from effdl.fpdt.model import FPDTConfig
+from effdl.report import line_plot
+
+# (label, method, sp ranks, offload)
+METHODS = [
+    ("plain", "plain", 1, None),
+    ("checkpointing", "checkpoint", 1, None),
+    ("Ulysses SP=2", "ulysses", 2, None),
+    ("FPDT SP=1 (disk)", "fpdt", 1, "disk"),
+    ("FPDT SP=2 (disk)", "fpdt", 2, "disk"),
+]
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return ModelConfig(dim=args.dim, n_layers=args.layers, n_heads=8, n_kv_heads=4, ffn_dim=int(args.dim * 8 / 3),
+                       vocab_size=258, max_seq_len=1 << 24)
+
+
+def child(args: argparse.Namespace) -> None:
+    """One (method, length) measurement in this fresh process (or torchrun rank); prints a JSON line on rank 0."""
+    release_large_frees()
+    group = None
+    if "RANK" in os.environ:
+        torch.distributed.init_process_group("gloo")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.distributed.get_world_size()))
+    chunk = min(args.chunk, args.seq_len)
+    fpdt = FPDTConfig(chunk_size=chunk, offload=args.offload or "disk", sp_size=args.sp, spill_dir=args.spill_dir)
+    loss_fn = loss_fn_for(args.method, fpdt, group)
+    model, optimizer = warmed_model(model_config(args), loss_fn, warm_len=chunk)
+    result = measure_step(model, optimizer, loss_fn, args.seq_len, args.method, group=group)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps({"peak_mib": result.peak_bytes / MiB, "step_s": result.step_s}))
+    if "RANK" in os.environ:
+        torch.distributed.destroy_process_group()
+
+
+def run_child(method: str, sp: int, offload: str | None, seq_len: int, args: argparse.Namespace) -> dict:
+    launcher = [sys.executable] if sp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc-per-node={sp}"]
+    cmd = [*launcher, __file__, "--child", "--method", method, "--sp", str(sp), "--seq-len", str(seq_len),
+           "--chunk", str(args.chunk), "--dim", str(args.dim), "--layers", str(args.layers)]
+    if offload:
+        cmd += ["--offload", offload]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def memory_part(args: argparse.Namespace) -> None:
+    from rich.progress import Progress
+
+    points: dict[str, list[dict]] = {}
+    rows = []
+    with Progress() as progress:
+        task = progress.add_task("doubling search", total=len(METHODS))
+        for label, method, sp, offload in METHODS:
+            points[label], seq_len, longest = [], args.start_len, 0
+            while seq_len <= args.max_len:
+                progress.update(task, description=f"{label} at {seq_len:,} tokens")
+                result = run_child(method, sp, offload, seq_len, args)
+                points[label].append({"seq_len": seq_len, **result})
+                if result["peak_mib"] > args.budget_mib:
+                    break
+                longest = seq_len
+                seq_len *= 2
+            capped = longest == args.max_len
+            rows.append([label, longest, "yes" if capped else "no",
+                         next((p["peak_mib"] for p in points[label] if p["seq_len"] == longest), float("nan"))])
+            progress.advance(task)
+    plain, ckpt = rows[0][1], rows[1][1]
+    for row in rows:
+        row += [row[1] / plain if plain else float("nan"), row[1] / ckpt if ckpt else float("nan")]
+    report("fpdt_maxlen", f"Longest trainable sequence under {args.budget_mib} MiB of activation memory "
+           f"(dim {args.dim}, {args.layers} layers, batch 1, chunk {args.chunk})",
+           ["method", "max tokens", "hit --max-len", "peak MiB there", "x plain", "x checkpointing"], rows,
+           extra={"budget_mib": args.budget_mib, "max_len": args.max_len, "chunk": args.chunk, "points": points})
+    series = {label: ([p["seq_len"] for p in pts], [p["peak_mib"] for p in pts]) for label, pts in points.items()}
+    series[f"budget {args.budget_mib} MiB"] = ([args.start_len, args.max_len], [args.budget_mib] * 2)
+    line_plot(RESULTS / "fpdt_maxlen.png", series, title="Peak activation memory of one training step",
+              xlabel="sequence length (tokens)", ylabel="peak RSS above baseline (MiB)", logx=True, logy=True)
+
+
+def throughput_part(args: argparse.Namespace) -> None:
+    release_large_frees()
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = model_config(args)
+    chunk = min(args.chunk, args.seq_len)
+    variants = {
+        "plain": loss_fn_for("plain"),
+        "checkpointing": loss_fn_for("checkpoint"),
+        "FPDT (none)": loss_fn_for("fpdt", FPDTConfig(chunk_size=chunk, offload="none")),
+        "FPDT (disk)": loss_fn_for("fpdt", FPDTConfig(chunk_size=chunk, offload="disk")),
+    }
+    steps = {}
+    for name, fn in variants.items():
+        model, optimizer = warmed_model(cfg, fn, warm_len=chunk)
+        steps[name] = lambda m=model, o=optimizer, f=fn: measure_step(m, o, f, args.seq_len)
+    timings = time_interleaved(steps, warmup=1, repeat=args.repeat)
+    peak = gemm_flops()
+    flops_per_token = train_flops_per_token(cfg, args.seq_len)
+    base = args.seq_len / timings["plain"].median_s
+    rows = []
+    for name, t in timings.items():
+        tps = args.seq_len / t.median_s
+        rows.append([name, tps, tps / base, 100 * tps * flops_per_token / peak, f"{100 * t.spread:.0f}%"])
+    report("fpdt_throughput", f"Training tokens/s at {args.seq_len:,} tokens (chunk {chunk}), "
+           f"GEMM peak {peak / 1e9:.0f} GFLOP/s", ["method", "tokens/s", "x plain", "MFU %", "IQR"], rows,
+           extra={"gemm_flops": peak, "seq_len": args.seq_len, "timings": timings})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["memory", "throughput"], default="memory")
+    parser.add_argument("--budget-mib", type=float, default=256)
+    parser.add_argument("--start-len", type=int, default=1024)
+    parser.add_argument("--max-len", type=int, default=65536)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--offload", help=argparse.SUPPRESS)
+    parser.add_argument("--spill-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.child:
+        child(args)
+        return
+    {"memory": memory_part, "throughput": throughput_part}[args.part](args)
+    print(f"done in {time.perf_counter() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
