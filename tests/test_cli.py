@@ -40,7 +40,8 @@ def test_demo_quick(tmp_path):
     assert "Language model" in report and "lm_loss.png" in report
     assert "SOFT" in report and "soft_attention.png" in report
     assert "Flover" in report and "flover_latency.png" in report
-    for plot in ("lm_loss.png", "soft_attention.png", "flover_latency.png"):
+    assert "FPDT" in report and "fpdt_memory.png" in report
+    for plot in ("lm_loss.png", "soft_attention.png", "flover_latency.png", "fpdt_memory.png", "fpdt_loss.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
 
 
@@ -50,7 +51,14 @@ def test_demo_quick(tmp_path):
         (["lm", "generate", "--model", "/does/not/exist"], "checkpoint folder /does/not/exist does not exist"),
         (["lm", "train", "--preset", "huge"], "unknown preset 'huge'; valid presets: tiny"),
         (["lm", "train", "--steps", "0"], "steps must be positive"),
-        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft, flover"),
+        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft, fpdt, flover"),
+        (["fpdt", "train", "--chunk-size", "0"], "chunk_size must be positive"),
+        (["fpdt", "train", "--seq-len", "512", "--chunk-size", "1024"], "chunk_size 1024 is longer than the sequence"),
+        (["fpdt", "train", "--sp", "2"], "--sp 2 but 1 process(es) were launched"),
+        (["fpdt", "train", "--spill-dir", "/proc/nope"], "spill folder /proc/nope is not writable"),
+        (["fpdt", "plan", "--gpu-mem", "40xb"], "cannot read '40xb' as a size"),
+        (["fpdt", "plan", "--gpu-mem", "8GiB"], "the model state alone needs"),
+        (["fpdt", "eval", "--model", "/does/not/exist"], "does not exist"),
         (["flover", "serve", "--model", "nothing-here"], "--model 'nothing-here' is neither a checkpoint folder"),
         (["flover", "serve", "--tp", "2"], "--tp 2 needs 2 processes"),
     ],

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,fpdt,flover}")
 
     demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
-    demo.add_argument("--only", help="run one stage (lm, soft, flover)")
+    demo.add_argument("--only", help="run one stage (lm, soft, fpdt, flover)")
     demo.add_argument("--out", default="effdl-demo", help="report folder (default: effdl-demo)")
     demo.add_argument("--quick", action="store_true", help="seconds per stage instead of ~90 (smoke test)")
     demo.set_defaults(run=_demo)

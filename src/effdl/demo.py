@@ -74,8 +74,14 @@ def _flover_stage(out_dir: Path, quick: bool) -> StageReport:
     return flover_stage(out_dir, quick)
 
 
+def _fpdt_stage(out_dir: Path, quick: bool) -> StageReport:
+    from effdl.fpdt.demo import fpdt_stage
+
+    return fpdt_stage(out_dir, quick)
+
+
 STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage, "soft": _soft_stage,
-                                                          "flover": _flover_stage}
+                                                          "fpdt": _fpdt_stage, "flover": _flover_stage}
 
 
 def run_demo(out_dir: str | Path = "effdl-demo", only: str | None = None, quick: bool = False) -> Path:
