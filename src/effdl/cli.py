@@ -125,7 +125,7 @@ def _fpdt_train(args: argparse.Namespace) -> None:
              if getattr(args, f.name, None) is not None}
     cfg = resume_config(args.resume, **given) if args.resume else TrainConfig(**{**FPDT_TRAIN_DEFAULTS, **given})
     fpdt = FPDTConfig(chunk_size=args.chunk_size, offload=args.offload, spill_dir=args.spill_dir, sp_size=args.sp)
-    result = train_fpdt(cfg, fpdt, resume=args.resume)
+    result = train_fpdt(cfg, fpdt, resume=args.resume, init=args.init)
     if result.checkpoint is not None:  # rank 0
         print(f"trained to step {result.step} at {cfg.seq_len:,} tokens: val loss {result.evals[-1][1]:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
@@ -261,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=int)
     ft.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
     ft.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
+    ft.add_argument("--init", help="start from this HF-format checkpoint folder (e.g. a Llama) instead of a preset")
     ft.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
     ft.set_defaults(run=_fpdt_train)
     fp = fpdt.add_parser("plan", help="predict the longest trainable sequence per method (memory model)")

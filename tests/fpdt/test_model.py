@@ -146,3 +146,27 @@ def test_failed_run_leaves_no_spill_files(tmp_path):
     with pytest.raises(RuntimeError, match="layer 1 failed"):
         fpdt_loss(model, *_batch(seq=512), FPDTConfig(chunk_size=128, spill_dir=str(tmp_path)))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_llama_checkpoint_under_fpdt_matches_transformers(tmp_path):
+    """A transformers Llama, saved and loaded by effdl.core.hf, trained by FPDT: HF's own loss and gradients."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effdl.core.hf import load_checkpoint
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                                      attn_implementation="sdpa"))
+    hf.save_pretrained(tmp_path)
+    tokens = torch.randint(0, 300, (1, 1025), generator=torch.Generator().manual_seed(0))
+    hf_loss = hf(tokens, labels=tokens).loss
+    hf_loss.backward()
+    ours = load_checkpoint(tmp_path, dtype=torch.float32)
+    loss = fpdt_loss(ours, tokens[:, :-1], tokens[:, 1:], FPDTConfig(chunk_size=256, offload="disk"))
+    loss.backward()
+    assert abs(loss.item() - hf_loss.item()) < 1e-5
+    torch.testing.assert_close(ours.tok_embeddings.weight.grad, hf.model.embed_tokens.weight.grad, rtol=1e-4,
+                               atol=1e-7)
+    torch.testing.assert_close(ours.layers[0].feed_forward.w2.weight.grad, hf.model.layers[0].mlp.down_proj.weight.grad,
+                               rtol=1e-4, atol=1e-7)

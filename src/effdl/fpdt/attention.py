@@ -146,14 +146,12 @@ def pair_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
     (used for the diagonal pair, where Cq == Ck). Cost: O(Cq Ck D) time,
     O(Cq Ck) memory on the math path, O(Cq D) with a flash kernel.
     """
+    flash = _use_flash(q, backend)
+    if flash and q.device.type == "cpu":  # grouped-query heads natively, no expanded copies
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     groups = q.shape[1] // k.shape[1]
     k, v = _expand_kv(k, groups), _expand_kv(v, groups)
-    if not _use_flash(q, backend):
-        return _math_forward(q, k, v, causal, scale)
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-        return out, lse
-    return _cuda_forward(q, k, v, causal, scale)
+    return (_cuda_forward if flash else _math_forward)(q, k, v, causal, scale)
 
 
 def pair_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
@@ -162,15 +160,13 @@ def pair_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
 
     Cost: about twice the pair's forward.
     """
+    flash = _use_flash(q, backend)
+    if flash and q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, causal, scale=scale)
     groups = q.shape[1] // k.shape[1]
     ke, ve = _expand_kv(k, groups), _expand_kv(v, groups)
-    if not _use_flash(q, backend):
-        dq, dk, dv = _math_backward(dout, q, ke, ve, out, lse, causal, scale)
-    elif q.device.type == "cpu":
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, ke, ve, out, lse, 0.0, causal, scale=scale)
-    else:
-        dq, dk, dv = _cuda_backward(dout, q, ke, ve, out, lse, causal, scale)
+    dq, dk, dv = (_cuda_backward if flash else _math_backward)(dout, q, ke, ve, out, lse, causal, scale)
     return dq, _reduce_kv(dk, groups), _reduce_kv(dv, groups)
 
 

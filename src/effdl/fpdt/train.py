@@ -17,6 +17,7 @@ from torch import Tensor
 
 from effdl.core.config import ModelConfig
 from effdl.core.data import corpus_tokens
+from effdl.core.hf import load_checkpoint, load_config
 from effdl.core.trainer import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
 from effdl.core.transformer import Transformer
 from effdl.dist import init_from_env
@@ -25,9 +26,13 @@ from effdl.fpdt.memory import MiB, gemm_flops, peak_rss_bytes, release_large_fre
 from effdl.fpdt.model import FPDTConfig, fpdt_loss
 
 
-def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = None,
+def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = None, init: str | Path | None = None,
                progress: bool = True) -> TrainResult:
-    """Train ``cfg.preset`` at ``cfg.seq_len`` tokens with FPDT; ``fpdt.sp_size`` must match torchrun's world."""
+    """Train at ``cfg.seq_len`` tokens with FPDT; ``fpdt.sp_size`` must match torchrun's world.
+
+    The model is a fresh ``cfg.preset``, or the HF-format checkpoint folder ``init`` (e.g. a Llama to extend
+    to longer contexts), or what ``resume`` continues.
+    """
     _, world, device = init_from_env()
     if fpdt.sp_size != world:
         raise EffdlError(f"--sp {fpdt.sp_size} but {world} process(es) were launched; run "
@@ -36,16 +41,17 @@ def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = N
         device = resolve_device(cfg.device)
     release_large_frees()
     model = None
-    if resume is None:
+    if init is not None and resume is None:
+        model = load_checkpoint(init, device=device, dtype=torch.float32)
+    elif resume is None:
         torch.manual_seed(cfg.seed)
-        model_cfg = ModelConfig.preset(cfg.preset, max_seq_len=cfg.seq_len)
-        model = Transformer(model_cfg, device=device)
+        model = Transformer(ModelConfig.preset(cfg.preset, max_seq_len=cfg.seq_len), device=device)
     else:
         latest_checkpoint(resume)  # a clear error now rather than after the process group starts
     peak_flops = gemm_flops(device=device)
 
     def status(tokens_per_s: float) -> str:
-        mc = model.config if model is not None else ModelConfig.preset(cfg.preset)
+        mc = model.config if model is not None else load_config(latest_checkpoint(resume))
         mfu = tokens_per_s / world * train_flops_per_token(mc, cfg.seq_len) / peak_flops
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         return f"peak {peak / MiB:,.0f} MiB  MFU {100 * mfu:.1f}%"
