@@ -172,6 +172,30 @@ def _fpdt_eval(args: argparse.Namespace) -> None:
     print(f"plot: {args.out}")
 
 
+def _add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """The ``TrainConfig`` options shared by every trainer verb; ``defaults`` overrides TrainConfig's in the help."""
+    from effdl.core.trainer import TrainConfig
+
+    default = {**dataclasses.asdict(TrainConfig()), **defaults}
+    parser.add_argument("--preset", help=f"model preset (see `effdl lm presets`; default {default['preset']})")
+    parser.add_argument("--steps", type=int, help=f"total optimizer steps (default {default['steps']})")
+    parser.add_argument("--seq-len", dest="seq_len", type=int,
+                        help=f"tokens per sequence (default {default['seq_len']})")
+    parser.add_argument("--batch-size", dest="batch_size", type=int,
+                        help=f"sequences per step (default {default['batch_size']})")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate (default {default['lr']:g})")
+    parser.add_argument("--warmup-steps", dest="warmup_steps", type=int,
+                        help=f"linear warmup steps (default {default['warmup_steps']})")
+    parser.add_argument("--eval-every", dest="eval_every", type=int,
+                        help=f"steps between evals (default {default['eval_every']}; 0 = end only)")
+    parser.add_argument("--ckpt-every", dest="ckpt_every", type=int, help="steps between checkpoints (0 = end only)")
+    parser.add_argument("--out", dest="out_dir", help=f"output folder (default {default['out_dir']})")
+    parser.add_argument("--seed", type=int, help="data order and init seed (default 0)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
+    parser.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
+    parser.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
     systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,fpdt,flover}")
@@ -187,19 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_parser("presets", help="list model presets").set_defaults(run=_lm_presets)
 
     tr = lm.add_parser("train", help="train a preset on the Python stdlib corpus; HF-format checkpoints")
-    tr.add_argument("--preset", help="model preset (see `effdl lm presets`; default tiny)")
-    tr.add_argument("--steps", type=int, help="total optimizer steps (default 200)")
-    tr.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 256)")
-    tr.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 16)")
-    tr.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    tr.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 20)")
-    tr.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals (default 50)")
-    tr.add_argument("--ckpt-every", dest="ckpt_every", type=int, help="steps between checkpoints (0 = end only)")
-    tr.add_argument("--out", dest="out_dir", help="output folder (default runs/lm)")
-    tr.add_argument("--seed", type=int, help="data order and init seed (default 0)")
-    tr.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
-    tr.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
-    tr.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
+    _add_train_args(tr, {})
     tr.set_defaults(run=_lm_train)
 
     gen = lm.add_parser("generate", help="sample text from a checkpoint folder")
@@ -244,25 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     fpdt = systems.add_parser("fpdt", help="train on very long sequences (FPDT: chunk pipeline + offload)"
                               ).add_subparsers(dest="verb", required=True, metavar="{train,plan,eval}")
     ft = fpdt.add_parser("train", help="train a preset at a long sequence length on the stdlib corpus")
-    ft.add_argument("--preset", help="model preset (default tiny)")
-    ft.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (default 16384)")
     ft.add_argument("--chunk-size", type=int, default=2048, help="global chunk: tokens per pipeline step")
     ft.add_argument("--offload", choices=["none", "host", "disk"], default="disk")
     ft.add_argument("--spill-dir", help="where --offload disk spills (default: the system temp folder)")
     ft.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks (run under torchrun with as many)")
-    ft.add_argument("--steps", type=int, help="total optimizer steps (default 50)")
-    ft.add_argument("--batch-size", dest="batch_size", type=int, help="sequences per step (default 1)")
-    ft.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
-    ft.add_argument("--warmup-steps", dest="warmup_steps", type=int, help="linear warmup steps (default 5)")
-    ft.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evals (0 = end only)")
     ft.add_argument("--eval-batches", dest="eval_batches", type=int, help="validation sequences (default 2)")
-    ft.add_argument("--ckpt-every", dest="ckpt_every", type=int, help="steps between checkpoints (0 = end only)")
-    ft.add_argument("--out", dest="out_dir", help="output folder (default runs/fpdt)")
-    ft.add_argument("--seed", type=int)
-    ft.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
-    ft.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
     ft.add_argument("--init", help="start from this HF-format checkpoint folder (e.g. a Llama) instead of a preset")
-    ft.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
+    _add_train_args(ft, FPDT_TRAIN_DEFAULTS)
     ft.set_defaults(run=_fpdt_train)
     fp = fpdt.add_parser("plan", help="predict the longest trainable sequence per method (memory model)")
     fp.add_argument("--model", default="llama-8b", help="model preset (see `effdl lm presets`)")

@@ -14,6 +14,8 @@ chunk i.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -74,36 +76,27 @@ def heads_to_seq(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return got.permute(1, 2, 0, 3, 4).reshape(B, c, world * Hp, Dh)  # (B, c, H, Dh)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        return seq_to_heads(x, group)
+class _AllToAll(torch.autograd.Function):
+    """A differentiable layout change: the forward applies ``there``, the backward its inverse ``back``."""
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-        ctx.group = group
-        return heads_to_seq(x, group)
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup | None, there: Callable, back: Callable) -> Tensor:
+        ctx.group, ctx.back = group, back
+        return there(x, group)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return seq_to_heads(grad, ctx.group), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        return ctx.back(grad, ctx.group), None, None, None
 
 
 def all_to_all_seq_to_heads(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Differentiable ``seq_to_heads``: its backward is the inverse all-to-all."""
-    return _SeqToHeads.apply(x, group)
+    return _AllToAll.apply(x, group, seq_to_heads, heads_to_seq)
 
 
 def all_to_all_heads_to_seq(x: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
     """Differentiable ``heads_to_seq``: its backward is the inverse all-to-all."""
-    return _HeadsToSeq.apply(x, group)
+    return _AllToAll.apply(x, group, heads_to_seq, seq_to_heads)
 
 
 class _SumAcrossRanks(torch.autograd.Function):
