@@ -2,6 +2,7 @@
 
     python benchmarks/fpdt_maxlen.py --part memory [--budget-mib 256 --max-len 65536]
     python benchmarks/fpdt_maxlen.py --part throughput [--seq-len 2048]
+    python benchmarks/fpdt_maxlen.py --part plan-check     (the memory model against the memory part's points)
 
 memory: for each method, a doubling search over sequence lengths. Every
 (method, length) runs one training step (forward, backward, AdamW) in a fresh
@@ -149,9 +150,25 @@ def throughput_part(args: argparse.Namespace) -> None:
            extra={"gemm_flops": peak, "seq_len": args.seq_len, "timings": timings})
 
 
+def plan_check_part(args: argparse.Namespace) -> None:
+    """The analytic memory model (``effdl fpdt plan``) against every point the memory part measured."""
+    from effdl.fpdt.plan import activation_bytes
+
+    measured = json.loads((RESULTS / "fpdt_maxlen.json").read_text())
+    cfg = model_config(args)
+    rows = []
+    for label, method, sp, _ in METHODS:
+        for point in measured["points"][label]:
+            predicted = activation_bytes(method, cfg, point["seq_len"], sp, measured["chunk"]) / MiB
+            rows.append([label, point["seq_len"], point["peak_mib"], predicted, predicted / point["peak_mib"]])
+    worst = max(abs(r[4] - 1) for r in rows)
+    report("fpdt_plan_check", f"Memory model vs measured peak (worst error {100 * worst:.0f}%)",
+           ["method", "tokens", "measured MiB", "predicted MiB", "predicted / measured"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["memory", "throughput"], default="memory")
+    parser.add_argument("--part", choices=["memory", "throughput", "plan-check"], default="memory")
     parser.add_argument("--budget-mib", type=float, default=256)
     parser.add_argument("--start-len", type=int, default=1024)
     parser.add_argument("--max-len", type=int, default=65536)
@@ -170,7 +187,7 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    {"memory": memory_part, "throughput": throughput_part}[args.part](args)
+    {"memory": memory_part, "throughput": throughput_part, "plan-check": plan_check_part}[args.part](args)
     print(f"done in {time.perf_counter() - started:.0f}s")
 
 

@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from effdl.core.config import ModelConfig
 from effdl.core.transformer import Block, Transformer, apply_rope, rope_cos_sin
@@ -241,17 +240,39 @@ def default_loss_chunk(local_chunk: int) -> int:
     return min(local_chunk, max(128, local_chunk // 32))
 
 
+class _ChunkedLMLoss(torch.autograd.Function):
+    """Summed cross-entropy of hidden states, chunk by chunk; the backward recomputes each chunk's logits.
+
+    The gradient of h is written chunk by chunk into one buffer, so the peak
+    is h, its gradient and one chunk's logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, model: Transformer, targets: Tensor, chunk: int) -> Tensor:
+        ctx.save_for_backward(h, targets)
+        ctx.model, ctx.chunk = model, chunk
+        return sum(_ce_sum(model.norm, model.output, h[:, s:e], targets[:, s:e])
+                   for s, e in chunk_bounds(h.shape[1], chunk))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        h, targets = ctx.saved_tensors
+        dh = torch.empty_like(h)  # (B, T, D)
+        with torch.enable_grad():
+            for start, end in chunk_bounds(h.shape[1], ctx.chunk):
+                h_c = h[:, start:end].detach().requires_grad_()
+                torch.autograd.backward(_ce_sum(ctx.model.norm, ctx.model.output, h_c, targets[:, start:end]), grad)
+                dh[:, start:end] = h_c.grad
+        return dh, None, None, None
+
+
 def chunked_lm_loss_sum(model: Transformer, h: Tensor, targets: Tensor, chunk: int) -> Tensor:
     """Summed cross-entropy of final hidden states (B, T, D) against targets (B, T), ``chunk`` tokens at a time.
 
     Each chunk's logits are recomputed in the backward instead of kept, so
     the peak is one (B, chunk, V) block rather than (B, T, V).
     """
-    total = h.new_zeros((), dtype=torch.float32)
-    for start, end in chunk_bounds(h.shape[1], chunk):
-        total = total + checkpoint(_ce_sum, model.norm, model.output, h[:, start:end], targets[:, start:end],
-                                   use_reentrant=False)
-    return total
+    return _ChunkedLMLoss.apply(h, model, targets, chunk)
 
 
 def pad_to_multiple(tokens: Tensor, targets: Tensor, multiple: int) -> tuple[Tensor, Tensor]:

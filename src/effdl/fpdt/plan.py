@@ -13,8 +13,8 @@ L layers, s = S / P tokens per rank, c local chunk):
     plain          L s a + s h
     checkpointing  L s e D + s a + s h        (layer inputs + one layer recomputed)
     Ulysses (P)    L s (a + 2 e D) + s h     (plain on S / P tokens + all-to-all buffers)
-    FPDT (P)       3 s e D + c a + 3 l e V   (final hidden, its gradient and one
-                                              layer gradient; one chunk's layer
+    FPDT (P)       2 s e D + c a + 3 l e V   (a layer's hidden states and their
+                                              gradient; one chunk's layer
                                               activations and one LM-head chunk of
                                               l = default_loss_chunk(c) tokens;
                                               everything else offloaded)
@@ -67,7 +67,7 @@ def activation_bytes(method: str, cfg: ModelConfig, seq_len: int, sp: int = 1, c
         return L * s * (a + 2 * e * cfg.dim) + s * head
     if method == "fpdt":
         c = batch * min(chunk, seq_len) // sp
-        return 3 * s * e * cfg.dim + c * a + 3 * default_loss_chunk(c) * e * cfg.vocab_size
+        return 2 * s * e * cfg.dim + c * a + 3 * default_loss_chunk(c) * e * cfg.vocab_size
     raise EffdlError(f"unknown method {method!r}; choose one of {', '.join(PLAN_METHODS)}")
 
 

@@ -1,0 +1,64 @@
+"""Does long-sequence training pay off? Held-out loss by position: FPDT at a long length vs plain at a short one.
+
+    python benchmarks/fpdt_context.py [--seq-len 8192 --short-len 512 --steps 60]
+
+Both models see the same number of training tokens (steps x seq_len). The
+FPDT model trains on whole ``--seq-len`` windows; the plain model on
+``--short-len`` windows (batch = seq_len / short_len), the length plain
+training fits in memory. Both are then evaluated on held-out windows of
+``--seq-len`` tokens: a model that uses long context keeps lowering its loss
+with position, one trained short cannot use what lies beyond its window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from harness import RESULTS, report
+
+from effdl.core.hf import load_checkpoint
+from effdl.core.trainer import TrainConfig, train
+from effdl.fpdt.model import FPDTConfig
+from effdl.fpdt.train import loss_by_position, train_fpdt
+from effdl.report import line_plot
+
+
+def bucket_means(curve, edges):
+    return [curve[a:b].mean().item() for a, b in itertools.pairwise(edges)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--short-len", type=int, default=512)
+    parser.add_argument("--chunk", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--windows", type=int, default=4)
+    args = parser.parse_args()
+    common = dict(preset="tiny", steps=args.steps, warmup_steps=max(1, args.steps // 10), eval_every=0,
+                  eval_batches=1, lr=3e-3)
+    long = train_fpdt(TrainConfig(seq_len=args.seq_len, batch_size=1, out_dir="runs/fpdt-context-long", **common),
+                      FPDTConfig(chunk_size=args.chunk, offload="disk"))
+    short = train(TrainConfig(seq_len=args.short_len, batch_size=args.seq_len // args.short_len,
+                              out_dir="runs/fpdt-context-short", **common))
+    curves = {f"FPDT, trained at {args.seq_len:,}": loss_by_position(load_checkpoint(long.checkpoint),
+                                                                      args.seq_len, args.windows),
+              f"plain, trained at {args.short_len:,}": loss_by_position(load_checkpoint(short.checkpoint),
+                                                                         args.seq_len, args.windows)}
+    edges = [0, 64, 256, args.short_len, 2 * args.short_len, args.seq_len // 4, args.seq_len // 2, args.seq_len]
+    edges = sorted(set(edges))
+    rows = []
+    for i, (a, b) in enumerate(itertools.pairwise(edges)):
+        rows.append([f"{a:,}-{b - 1:,}", *(bucket_means(c, edges)[i] for c in curves.values())])
+    report("fpdt_context", f"Held-out loss by position, {args.windows} windows of {args.seq_len:,} tokens "
+           f"(same training tokens: {args.steps} x {args.seq_len:,})", ["positions", *curves], rows,
+           extra={"curves": {k: v.tolist() for k, v in curves.items()}})
+    mids = [(a + b - 1) / 2 for a, b in itertools.pairwise(edges)]
+    line_plot(RESULTS / "fpdt_context.png", {k: (mids, bucket_means(c, edges)) for k, c in curves.items()},
+              title="Held-out loss by token position", xlabel="position", ylabel="next-token loss (nats/byte)",
+              logx=True)
+
+
+if __name__ == "__main__":
+    main()
