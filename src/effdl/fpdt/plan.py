@@ -13,16 +13,19 @@ L layers, s = S / P tokens per rank, c local chunk):
     plain          L s a + s h
     checkpointing  L s e D + s a + s h        (layer inputs + one layer recomputed)
     Ulysses (P)    L s (a + 2 e D) + s h     (plain on S / P tokens + all-to-all buffers)
-    FPDT (P)       2 s e D + c a + 3 l e V   (a layer's hidden states and their
-                                              gradient; one chunk's layer
-                                              activations and one LM-head chunk of
-                                              l = default_loss_chunk(c) tokens;
-                                              everything else offloaded)
+    FPDT (P)       k s e D + c a + 3 l e V + r
+                   k = 2.25 (P = 1), 3.25 (P > 1): a layer's hidden states and
+                   their gradient, plus allocator slack (and with P > 1 the
+                   all-to-all and gloo buffers); one chunk's layer activations
+                   and one LM-head chunk of l = default_loss_chunk(c) tokens;
+                   r = 12 MiB of spill-thread and kernel workspace; everything
+                   else offloaded
 
 Model state for a GPU plan is ZeRO-3 sharded over the GPUs: 16 bytes per
 parameter (bf16 weights and gradients, fp32 master weights and two Adam
-moments). The coefficients were checked against peak-RSS measurements of
-``benchmarks/fpdt_maxlen.py`` (see the README for the agreement).
+moments). The coefficients were checked against the peak-RSS measurements of
+``benchmarks/fpdt_maxlen.py --part plan-check`` (see the README for the agreement);
+FPDT's hidden-copy factors and workspace were fitted to those measurements.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from effdl.fpdt.model import default_loss_chunk, spill_bytes
 
 PLAN_METHODS = ("plain", "checkpoint", "ulysses", "fpdt")
 STATE_BYTES_PER_PARAM = 16
+FPDT_WORKSPACE_BYTES = 12 * 2**20
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -67,7 +71,9 @@ def activation_bytes(method: str, cfg: ModelConfig, seq_len: int, sp: int = 1, c
         return L * s * (a + 2 * e * cfg.dim) + s * head
     if method == "fpdt":
         c = batch * min(chunk, seq_len) // sp
-        return 2 * s * e * cfg.dim + c * a + 3 * default_loss_chunk(c) * e * cfg.vocab_size
+        hidden_copies = 2.25 if sp == 1 else 3.25
+        return int(hidden_copies * s * e * cfg.dim) + c * a + 3 * default_loss_chunk(c) * e * cfg.vocab_size + \
+            FPDT_WORKSPACE_BYTES
     raise EffdlError(f"unknown method {method!r}; choose one of {', '.join(PLAN_METHODS)}")
 
 
