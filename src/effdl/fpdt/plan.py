@@ -18,8 +18,8 @@ L layers, s = S / P tokens per rank, c local chunk):
                    their gradient, plus allocator slack (and with P > 1 the
                    all-to-all and gloo buffers); one chunk's layer activations
                    and one LM-head chunk of l = default_loss_chunk(c) tokens;
-                   r = 12 MiB of spill-thread and kernel workspace; everything
-                   else offloaded
+                   r = 8 MiB of spill-thread and kernel workspace (16 MiB with
+                   P > 1); everything else offloaded
 
 Model state for a GPU plan is ZeRO-3 sharded over the GPUs: 16 bytes per
 parameter (bf16 weights and gradients, fp32 master weights and two Adam
@@ -39,7 +39,8 @@ from effdl.fpdt.model import default_loss_chunk, spill_bytes
 
 PLAN_METHODS = ("plain", "checkpoint", "ulysses", "fpdt")
 STATE_BYTES_PER_PARAM = 16
-FPDT_WORKSPACE_BYTES = 12 * 2**20
+FPDT_WORKSPACE_BYTES = 8 * 2**20  # spill thread and kernel workspace
+FPDT_GROUP_BYTES = 8 * 2**20  # gloo / all-to-all buffers with sp > 1
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
 
@@ -72,8 +73,9 @@ def activation_bytes(method: str, cfg: ModelConfig, seq_len: int, sp: int = 1, c
     if method == "fpdt":
         c = batch * min(chunk, seq_len) // sp
         hidden_copies = 2.25 if sp == 1 else 3.25
+        workspace = FPDT_WORKSPACE_BYTES + (FPDT_GROUP_BYTES if sp > 1 else 0)
         return int(hidden_copies * s * e * cfg.dim) + c * a + 3 * default_loss_chunk(c) * e * cfg.vocab_size + \
-            FPDT_WORKSPACE_BYTES
+            workspace
     raise EffdlError(f"unknown method {method!r}; choose one of {', '.join(PLAN_METHODS)}")
 
 
