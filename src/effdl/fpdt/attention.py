@@ -120,12 +120,11 @@ def _cuda_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
             got_grads = _cuda_backward(dout, q, k, v, *got, True, 0.2)
             pairs = [*zip(ref, got, strict=True), *zip(ref_grads, got_grads, strict=True)]
             _cuda_kernel_ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in pairs)
+            reason = "disagrees with the math path"
         except RuntimeError as e:
-            warnings.warn(f"CUDA attention kernel unavailable ({e}); FPDT uses the math path", stacklevel=2)
-            _cuda_kernel_ok = False
+            _cuda_kernel_ok, reason = False, f"is unavailable ({e})"
         if not _cuda_kernel_ok:
-            warnings.warn("CUDA attention kernel disagrees with the math path; FPDT uses the math path",
-                          stacklevel=2)
+            warnings.warn(f"CUDA attention kernel {reason}; FPDT uses the math path", stacklevel=2)
     return _cuda_kernel_ok
 
 
