@@ -20,12 +20,8 @@ from harness import RESULTS, report
 from effdl.core.hf import load_checkpoint
 from effdl.core.trainer import TrainConfig, train
 from effdl.fpdt.model import FPDTConfig
-from effdl.fpdt.train import loss_by_position, train_fpdt
+from effdl.fpdt.train import bucket_means, loss_by_position, train_fpdt
 from effdl.report import line_plot
-
-
-def bucket_means(curve, edges):
-    return [curve[a:b].mean().item() for a, b in itertools.pairwise(edges)]
 
 
 def main() -> None:
@@ -48,14 +44,13 @@ def main() -> None:
                                                                          args.seq_len, args.windows)}
     edges = [0, 64, 256, args.short_len, 2 * args.short_len, args.seq_len // 4, args.seq_len // 2, args.seq_len]
     edges = sorted(set(edges))
-    rows = []
-    for i, (a, b) in enumerate(itertools.pairwise(edges)):
-        rows.append([f"{a:,}-{b - 1:,}", *(bucket_means(c, edges)[i] for c in curves.values())])
+    means = {name: bucket_means(curve, edges) for name, curve in curves.items()}
+    rows = [[f"{a:,}-{b - 1:,}", *(m[i] for m in means.values())] for i, (a, b) in enumerate(itertools.pairwise(edges))]
     report("fpdt_context", f"Held-out loss by position, {args.windows} windows of {args.seq_len:,} tokens "
            f"(same training tokens: {args.steps} x {args.seq_len:,})", ["positions", *curves], rows,
            extra={"curves": {k: v.tolist() for k, v in curves.items()}})
     mids = [(a + b - 1) / 2 for a, b in itertools.pairwise(edges)]
-    line_plot(RESULTS / "fpdt_context.png", {k: (mids, bucket_means(c, edges)) for k, c in curves.items()},
+    line_plot(RESULTS / "fpdt_context.png", {k: (mids, m) for k, m in means.items()},
               title="Held-out loss by token position", xlabel="position", ylabel="next-token loss (nats/byte)",
               logx=True)
 

@@ -21,8 +21,12 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from effdl.errors import EffdlError
+
+if TYPE_CHECKING:
+    from effdl.core.trainer import TrainConfig
 
 # `effdl fpdt train` defaults: one long sequence per step, a short schedule.
 FPDT_TRAIN_DEFAULTS = dict(preset="tiny", seq_len=16384, batch_size=1, steps=50, warmup_steps=5, eval_every=0,
@@ -49,12 +53,19 @@ def _lm_presets(args: argparse.Namespace) -> None:
                                   "vocab", "max len"], rows)
 
 
-def _lm_train(args: argparse.Namespace) -> None:
-    from effdl.core.trainer import TrainConfig, resume_config, train
+def _train_config(args: argparse.Namespace, defaults: dict) -> TrainConfig:
+    """The options given on the command line over ``defaults``, or over the resumed checkpoint's own config."""
+    from effdl.core.trainer import TrainConfig, resume_config
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
-    cfg = resume_config(args.resume, **given) if args.resume else TrainConfig(**given)
+    return resume_config(args.resume, **given) if args.resume else TrainConfig(**{**defaults, **given})
+
+
+def _lm_train(args: argparse.Namespace) -> None:
+    from effdl.core.trainer import train
+
+    cfg = _train_config(args, {})
     result = train(cfg, resume=args.resume)
     print(f"trained to step {result.step}: val loss {result.evals[-1][1]:.4f}, "
           f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
@@ -117,13 +128,10 @@ def _flover_serve(args: argparse.Namespace) -> None:
 
 
 def _fpdt_train(args: argparse.Namespace) -> None:
-    from effdl.core.trainer import TrainConfig, resume_config
     from effdl.fpdt.model import FPDTConfig
     from effdl.fpdt.train import train_fpdt
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    cfg = resume_config(args.resume, **given) if args.resume else TrainConfig(**{**FPDT_TRAIN_DEFAULTS, **given})
+    cfg = _train_config(args, FPDT_TRAIN_DEFAULTS)
     fpdt = FPDTConfig(chunk_size=args.chunk_size, offload=args.offload, spill_dir=args.spill_dir, sp_size=args.sp)
     result = train_fpdt(cfg, fpdt, resume=args.resume, init=args.init)
     if result.checkpoint is not None:  # rank 0
@@ -154,7 +162,7 @@ def _fpdt_eval(args: argparse.Namespace) -> None:
 
     from effdl.core.hf import load_checkpoint
     from effdl.core.trainer import latest_checkpoint, resolve_device
-    from effdl.fpdt.train import loss_by_position
+    from effdl.fpdt.train import bucket_means, loss_by_position
     from effdl.report import line_plot, print_table
 
     folder = Path(args.model)
@@ -163,11 +171,12 @@ def _fpdt_eval(args: argparse.Namespace) -> None:
     model = load_checkpoint(folder, device=resolve_device(args.device), dtype=torch.float32)
     curve = loss_by_position(model, args.seq_len, args.windows)
     edges = [0] + [2**k for k in range(4, args.seq_len.bit_length()) if 2**k < args.seq_len] + [args.seq_len]
-    rows = [[f"{a:,}-{b - 1:,}", curve[a:b].mean().item()] for a, b in itertools.pairwise(edges)]
+    means = bucket_means(curve, edges)
     print_table(f"held-out loss by position ({args.windows} windows of {args.seq_len:,} tokens)",
-                ["positions", "loss"], rows)
+                ["positions", "loss"],
+                [[f"{a:,}-{b - 1:,}", m] for (a, b), m in zip(itertools.pairwise(edges), means, strict=True)])
     mids = [(a + b - 1) / 2 for a, b in itertools.pairwise(edges)]
-    line_plot(args.out, {"mean loss": (mids, [r[1] for r in rows])}, title="Held-out loss by token position",
+    line_plot(args.out, {"mean loss": (mids, means)}, title="Held-out loss by token position",
               xlabel="position in the sequence", ylabel="next-token loss (nats)", logx=True)
     print(f"plot: {args.out}")
 

@@ -61,11 +61,19 @@ def accum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> Tensor:
+    """Scaled scores (B, H, Cq, Ck) in ``accum_dtype``, keys after the query at -inf when ``causal``."""
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, Cq, Ck)
+    if causal:
+        cq, ck = scores.shape[-2:]
+        upper = torch.ones(cq, ck, dtype=torch.bool, device=scores.device).triu(1)  # keys after the query
+        scores = scores.masked_fill(upper, float("-inf"))
+    return scores
+
+
 def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     acc = accum_dtype(q.dtype)
-    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # (B, H, Cq, Ck)
-    if causal:
-        scores = scores.masked_fill(_upper(scores), float("-inf"))
+    scores = _scores(q.to(acc), k.to(acc), causal, scale)  # (B, H, Cq, Ck)
     lse = scores.logsumexp(-1)  # (B, H, Cq)
     out = (scores - lse[..., None]).exp() @ v.to(acc)  # (B, H, Cq, D)
     return out.to(q.dtype), lse
@@ -75,20 +83,12 @@ def _math_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
     acc = accum_dtype(q.dtype)
     qf, kf, vf, doutf = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, H, Cq, Ck)
-    if causal:
-        scores = scores.masked_fill(_upper(scores), float("-inf"))
+    scores = _scores(qf, kf, causal, scale)  # (B, H, Cq, Ck)
     probs = (scores - lse[..., None]).exp()  # (B, H, Cq, Ck): this pair's share of the full softmax
     delta = (doutf * out.to(acc)).sum(-1, keepdim=True)  # (B, H, Cq, 1)
     dscores = probs * (doutf @ vf.transpose(-1, -2) - delta) * scale  # (B, H, Cq, Ck)
     return (dscores @ kf).to(q.dtype), (dscores.transpose(-1, -2) @ qf).to(k.dtype), \
         (probs.transpose(-1, -2) @ doutf).to(v.dtype)
-
-
-def _upper(scores: Tensor) -> Tensor:
-    """True above the diagonal of the last two dims (keys after the query)."""
-    cq, ck = scores.shape[-2:]
-    return torch.ones(cq, ck, dtype=torch.bool, device=scores.device).triu(1)
 
 
 def _cuda_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:

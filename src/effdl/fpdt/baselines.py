@@ -27,8 +27,6 @@ from effdl.fpdt.model import (
 from effdl.fpdt.store import OffloadStore
 from effdl.fpdt.ulysses import group_rank, group_size, local_token_index, sum_across_ranks
 
-METHODS = ("plain", "checkpoint", "ulysses", "fpdt")
-
 
 def plain_loss(model: Transformer, tokens: Tensor, targets: Tensor) -> Tensor:
     """Every activation of every layer kept for the backward: the memory FPDT is measured against."""

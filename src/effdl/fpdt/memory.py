@@ -24,6 +24,7 @@ from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.fpdt.baselines import checkpointed_loss, plain_loss, ulysses_loss
 from effdl.fpdt.model import FPDTConfig, fpdt_loss
+from effdl.fpdt.plan import PLAN_METHODS
 
 MiB = 2**20
 
@@ -117,7 +118,7 @@ def loss_fn_for(method: str, fpdt: FPDTConfig | None = None,
     if method == "fpdt":
         cfg = fpdt or FPDTConfig()
         return lambda model, x, y: fpdt_loss(model, x, y, cfg, group)
-    raise EffdlError(f"unknown method {method!r}; choose plain, checkpoint, ulysses or fpdt")
+    raise EffdlError(f"unknown method {method!r}; choose one of {', '.join(PLAN_METHODS)}")
 
 
 def measure_step(model: Transformer, optimizer: torch.optim.Optimizer, loss_fn: Callable, seq_len: int,

@@ -22,8 +22,8 @@ backward:
     out/lse (no attention recompute); dq_i waits in the store between visits.
     When chunk j's dq/dk/dv are final, backprop the QKV projection of chunk j.
 
-The LM head + cross-entropy runs per chunk under checkpointing, so the
-[S, V] logits never exist. With P > 1, the process group's ranks each hold
+The LM head + cross-entropy runs per chunk and is recomputed per chunk in
+the backward (``_ChunkedLMLoss``), so the [S, V] logits never exist. With P > 1, the process group's ranks each hold
 their share of the sequence, and parameter gradients are summed over the
 group when the backward pass ends.
 """

@@ -9,6 +9,7 @@ sequence and the gradients are summed across ranks by ``fpdt_loss``.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = N
     if fpdt.sp_size != world:
         raise EffdlError(f"--sp {fpdt.sp_size} but {world} process(es) were launched; run "
                          f"torchrun --nproc-per-node {fpdt.sp_size} -m effdl.cli fpdt train ...")
-    if cfg.device != "auto" and resolve_device(cfg.device) != device:
+    if cfg.device != "auto":
         device = resolve_device(cfg.device)
     release_large_frees()
     model = None
@@ -46,18 +47,23 @@ def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = N
     elif resume is None:
         torch.manual_seed(cfg.seed)
         model = Transformer(ModelConfig.preset(cfg.preset, max_seq_len=cfg.seq_len), device=device)
-    else:
-        latest_checkpoint(resume)  # a clear error now rather than after the process group starts
+    # Read once here: a missing checkpoint fails before training, and the status column does no I/O per step.
+    flops_per_token = train_flops_per_token(
+        model.config if model is not None else load_config(latest_checkpoint(resume)), cfg.seq_len)
     peak_flops = gemm_flops(device=device)
 
     def status(tokens_per_s: float) -> str:
-        mc = model.config if model is not None else load_config(latest_checkpoint(resume))
-        mfu = tokens_per_s / world * train_flops_per_token(mc, cfg.seq_len) / peak_flops
+        mfu = tokens_per_s / world * flops_per_token / peak_flops
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         return f"peak {peak / MiB:,.0f} MiB  MFU {100 * mfu:.1f}%"
 
     return train(cfg, model, lambda m, x, y: fpdt_loss(m, x, y, fpdt), resume=resume, progress=progress,
                  status=status)
+
+
+def bucket_means(curve: Tensor, edges: list[int]) -> list[float]:
+    """Mean of ``curve`` over each [edges[i], edges[i + 1]) bucket of positions."""
+    return [curve[a:b].mean().item() for a, b in itertools.pairwise(edges)]
 
 
 @torch.no_grad()
