@@ -64,8 +64,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
-    fig.tight_layout()
+def _save(fig, path: str | Path, tight: bool = True) -> Path:
+    if tight:  # not with a colorbar shared by several axes, which tight_layout cannot place
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -110,3 +111,17 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
+
+
+def heatmaps(path: str | Path, matrices: Sequence[Any], titles: Sequence[str], *, title: str, xlabel: str,
+             ylabel: str, colorbar: str) -> Path:
+    """One PNG with a heatmap per matrix, side by side, on a shared colour scale."""
+    n = len(matrices)
+    fig, axes = _pyplot().subplots(1, n, figsize=(3.4 * n + 0.8, 3.6), dpi=110, squeeze=False)
+    vmax = max(float(m.max()) for m in matrices)
+    for ax, matrix, sub in zip(axes[0], matrices, titles, strict=True):
+        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        ax.set(title=sub, xlabel=xlabel, ylabel=ylabel)
+    fig.colorbar(image, ax=axes[0].tolist(), label=colorbar, shrink=0.85)
+    fig.suptitle(title)
+    return _save(fig, path, tight=False)

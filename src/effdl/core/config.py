@@ -37,6 +37,8 @@ class ModelConfig:
     head_dim: int = 0  # 0 = dim // n_heads, as in Llama; Mistral/Qwen checkpoints may set it explicitly
     n_experts: int = 0  # 0 = dense SwiGLU FFN; > 0 = Mixtral-style MoE FFN in every layer
     experts_per_token: int = 2
+    norm_topk_prob: bool = True  # Mixtral renormalises the k gate weights; GPT-MoE/Switch top-1 must not (see moe.py)
+    router_aux_coef: float = 0.01  # load-balancing loss weight in training (HF router_aux_loss_coef)
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 has biases on q/k/v projections
     sliding_window: int | None = None  # Mistral: each query sees at most this many keys
@@ -133,6 +135,8 @@ class ModelConfig:
                 head_dim=hf.get("head_dim") or 0,
                 n_experts=hf.get("num_local_experts", 0) if model_type == "mixtral" else 0,
                 experts_per_token=hf.get("num_experts_per_tok", 2),
+                norm_topk_prob=hf.get("norm_topk_prob", True),
+                router_aux_coef=hf.get("router_aux_loss_coef", cls.router_aux_coef),
                 tie_embeddings=hf.get("tie_word_embeddings", False),
                 qkv_bias=model_type == "qwen2" or hf.get("attention_bias", False),
                 sliding_window=hf.get("sliding_window") if uses_window else None,
@@ -182,7 +186,10 @@ class ModelConfig:
         if self.model_type == "qwen2":
             hf["use_sliding_window"] = self.sliding_window is not None
         if self.model_type == "mixtral":
-            hf.update(num_local_experts=self.n_experts, num_experts_per_tok=self.experts_per_token)
+            # transformers' Mixtral ignores norm_topk_prob (it always renormalises), so GPT-MoE presets
+            # (norm_topk_prob=False) compute as trained only through effdl's own loader.
+            hf.update(num_local_experts=self.n_experts, num_experts_per_tok=self.experts_per_token,
+                      norm_topk_prob=self.norm_topk_prob, router_aux_loss_coef=self.router_aux_coef)
         return hf
 
 
@@ -196,7 +203,8 @@ _HF_KEYS_WE_MAP = {
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta",
     "rope_scaling", "rope_parameters", "rms_norm_eps", "tie_word_embeddings", "hidden_act", "bos_token_id",
     "eos_token_id", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "num_local_experts",
-    "num_experts_per_tok", "torch_dtype", "dtype", "transformers_version", "max_window_layers",
+    "num_experts_per_tok", "norm_topk_prob", "router_aux_loss_coef",
+    "torch_dtype", "dtype", "transformers_version", "max_window_layers",
 }
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -220,6 +228,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ~4M params, 8 experts top-2: MoE tests and ExFlow demos.
     "moe-tiny": dict(model_type="mixtral", dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256,
                      n_experts=8, experts_per_token=2, max_seq_len=1024),
+    # GPT-MoE (DeepSpeed-MoE / Switch style, as ExFlow studies): top-1 routing on softmax-over-all weights,
+    # 8 to 64 small experts in each of 6 layers; "-top2" variants route to two.
+    **{f"gpt-moe-{e}e": dict(model_type="mixtral", dim=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                             n_experts=e, experts_per_token=1, norm_topk_prob=False, router_aux_coef=0.05,
+                             max_seq_len=1024)
+       for e in (8, 16, 32, 64)},
+    "gpt-moe-16e-top2": dict(model_type="mixtral", dim=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                             n_experts=16, experts_per_token=2, norm_topk_prob=False, router_aux_coef=0.05,
+                             max_seq_len=1024),
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
                          ffn_dim=14336, n_experts=8, experts_per_token=2, max_seq_len=32768,
                          rope_theta=1e6, bos_id=1, eos_id=2),

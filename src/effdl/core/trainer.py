@@ -73,9 +73,16 @@ class TrainResult:
 
 
 def lm_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy; logits (B, T, V) upcast to fp32 for the softmax."""
+    """Mean next-token cross-entropy; logits (B, T, V) upcast to fp32 for the softmax.
+
+    MoE models in training mode add their load-balancing loss, weighted by
+    ``config.router_aux_coef``; evaluation reports the cross-entropy alone.
+    """
     logits = model(inputs)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    if model.training and model.config.is_moe:
+        loss = loss + model.config.router_aux_coef * model.balance_loss()
+    return loss
 
 
 def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_ratio: float) -> float:

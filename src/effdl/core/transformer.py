@@ -159,7 +159,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device, dtype)
         if cfg.is_moe:
             self.feed_forward = MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.experts_per_token,
-                                               device, dtype)
+                                               cfg.norm_topk_prob, device, dtype)
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, device, dtype)
 
@@ -191,6 +191,12 @@ class Transformer(nn.Module):
             else:
                 residual_out = name.endswith(("wo.weight", "w2.weight", ".w2"))
                 p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers) if residual_out else std)
+
+    def balance_loss(self) -> Tensor:
+        """Mean load-balancing loss of the MoE layers in the last training-mode forward (0 for dense models)."""
+        losses = [layer.feed_forward.balance_loss for layer in self.layers
+                  if getattr(layer.feed_forward, "balance_loss", None) is not None]
+        return torch.stack(losses).mean() if losses else self.output.weight.new_zeros(())
 
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 logit_index: Tensor | None = None) -> Tensor:

@@ -1,0 +1,387 @@
+"""Expert-parallel MoE inference over ``torch.distributed``: standard (two all-to-alls per MoE layer)
+and ExFlow's context-coherent mode (one), sharing one model definition (``effdl.core.Transformer``).
+
+Dimension legend: B requests, G ranks, L layers, E experts, k experts per token, D model dim,
+n tokens on this rank, m rows received, P payload columns, K kv heads, S cache length, Dh head dim, V vocab.
+
+Every rank holds the attention, norms, routers and LM head, and only its own experts: expert e of
+layer l lives on rank ``gpu_of[l, e]`` of a ``Placement`` (round robin when none is given).
+
+``standard`` (DeepSpeed-MoE, Tutel): request b lives on rank b % G for good. Each MoE layer routes its
+tokens, sends each token's k copies to its experts' ranks (all-to-all "dispatch"), and brings the k
+outputs home (all-to-all "combine"), where they are weighted and summed.
+
+``coherent`` (ExFlow): every rank keeps the KV cache of *all* requests, so any rank can run attention
+for any token. After its expert a token stays on that rank and runs the next layer there: one
+all-to-all per MoE layer. Keeping the context coherent costs one all-reduce per decode step, of the
+step's new K/V entries of every layer (and the sampled tokens): a token may run layer l's attention on
+a different rank at every step, so every rank must see every layer's K/V. The prompt is prefilled the
+standard way and its KV cache shared once, which is the authors' "all-gather the initial context".
+With k > 1 a token's k copies sit on up to k ranks after the experts; the copies of the secondary
+experts send their weighted outputs to the primary (top-1) expert's rank, where the token continues: a
+second all-to-all, counted as "combine", that moves only tokens whose experts straddle ranks.
+
+Both modes need each receiver to know how many rows it gets: every data all-to-all whose sizes are not
+already known (dispatch) is preceded by an exchange of G row counts, counted separately.
+Greedy decoding only. Results equal the single-process model's up to float summation order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from effdl.core.moe import expert_outputs, route_top_k
+from effdl.core.transformer import Block, KVCache, Transformer, causal_mask, rope_cos_sin
+from effdl.errors import EffdlError
+from effdl.exflow.placement import Placement, round_robin
+from effdl.exflow.trace import model_fingerprint
+
+MODES = ("standard", "coherent")
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class CommStats:
+    """What one rank sent, per phase ("prefill"/"decode") and MoE layer."""
+
+    all_to_all: dict[str, list[int]]  # data all-to-alls issued, per layer
+    size_exchanges: dict[str, list[int]]  # row-count exchanges issued, per layer
+    rows_cross: dict[str, list[int]]  # token rows sent to another rank, per layer
+    rows_total: dict[str, list[int]]  # token rows sent anywhere (this rank included), per layer
+    kv_syncs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))  # coherent-context syncs
+    kv_sync_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+
+    @classmethod
+    def empty(cls, n_layers: int) -> CommStats:
+        def per_layer() -> dict[str, list[int]]:
+            return {phase: [0] * n_layers for phase in PHASES}
+
+        return cls(per_layer(), per_layer(), per_layer(), per_layer())
+
+    def merged(self, others: list[CommStats]) -> CommStats:
+        """Sum of several ranks' stats (collectives are issued by every rank alike: those are taken once)."""
+        out = CommStats.empty(len(self.all_to_all["decode"]))
+        for phase in PHASES:
+            out.all_to_all[phase] = list(self.all_to_all[phase])
+            out.size_exchanges[phase] = list(self.size_exchanges[phase])
+            out.kv_syncs[phase] = self.kv_syncs[phase]
+            for s in others:
+                out.rows_cross[phase] = [a + b for a, b in zip(out.rows_cross[phase], s.rows_cross[phase], strict=True)]
+                out.rows_total[phase] = [a + b for a, b in zip(out.rows_total[phase], s.rows_total[phase], strict=True)]
+                out.kv_sync_bytes[phase] += s.kv_sync_bytes[phase]
+        return out
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # greedy continuation of every request (all ranks return all requests)
+    stats: CommStats  # summed over ranks
+    decode_s: float  # wall time of the decode steps
+    prefill_s: float
+    logits: Tensor | None = None  # (steps, B, V) fp32 when requested: step 0 is the prefill's last position
+
+
+class _Comm:
+    """Row exchanges between ranks, counted into ``CommStats``."""
+
+    def __init__(self, stats: CommStats, rank: int, world: int):
+        self.stats, self.rank, self.world = stats, rank, world
+        self.phase, self.layer = "prefill", 0
+
+    def dispatch(self, rows: Tensor, dest: Tensor) -> tuple[Tensor, _Route]:
+        """Send row i of ``rows`` (n, P) to rank ``dest[i]``; returns the rows received (m, P), grouped by sender.
+
+        One exchange of G row counts, then one all-to-all of the rows.
+        """
+        order = dest.argsort(stable=True)  # (n,)
+        send = torch.bincount(dest, minlength=self.world)  # (G,)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send)
+        self.stats.size_exchanges[self.phase][self.layer] += 1
+        route = _Route(order, send.tolist(), recv.tolist())
+        return self._all_to_all(rows[order], route.send, route.recv), route
+
+    def reply(self, rows: Tensor, route: _Route) -> Tensor:
+        """Send the rows received through ``route`` (m, P) back to their senders, in their original order."""
+        back = self._all_to_all(rows, route.recv, route.send)  # (n, P) in dispatch order
+        out = torch.empty_like(back)
+        out[route.order] = back
+        return out
+
+    def _all_to_all(self, rows: Tensor, send: list[int], recv: list[int]) -> Tensor:
+        out = rows.new_empty((sum(recv), rows.shape[1]))
+        dist.all_to_all_single(out, rows.contiguous(), recv, send)
+        self.stats.all_to_all[self.phase][self.layer] += 1
+        self.stats.rows_total[self.phase][self.layer] += sum(send)
+        self.stats.rows_cross[self.phase][self.layer] += sum(send) - send[self.rank]
+        return out
+
+
+@dataclass
+class _Route:
+    order: Tensor  # (n,) the dispatch order of the original rows
+    send: list[int]  # rows sent to each rank
+    recv: list[int]  # rows received from each rank
+
+
+class ExpertParallel:
+    """One rank's share of an MoE ``Transformer`` and the generation loop of the chosen mode.
+
+    Takes ownership of ``model``: its stacked expert weights are replaced by this rank's experts.
+    Every rank must call ``generate`` with the same requests.
+    """
+
+    def __init__(self, model: Transformer, mode: str = "coherent", placement: Placement | None = None):
+        cfg = model.config
+        if mode not in MODES:
+            raise EffdlError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        if not cfg.is_moe:
+            raise EffdlError("expert parallelism needs a mixture-of-experts model (n_experts > 0)")
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if cfg.n_experts % self.world:
+            raise EffdlError(f"{cfg.n_experts} experts cannot be split evenly over {self.world} ranks")
+        if placement is None:
+            gpu_of = torch.from_numpy(round_robin(cfg.n_layers, cfg.n_experts, self.world))
+        else:
+            _check_placement(placement, cfg, self.world)
+            gpu_of = torch.from_numpy(placement.gpu_of)
+        self.model, self.mode, self.cfg = model.eval(), mode, cfg
+        self.device = model.output.weight.device
+        self.gpu_of = gpu_of.to(self.device)  # (L, E)
+        self.local_index = []  # per layer: (E,) position of each global expert in this rank's stack, -1 elsewhere
+        for layer, block in zip(self.gpu_of, model.layers, strict=True):
+            mine = (layer == self.rank).nonzero().flatten()  # (E/G,)
+            ffn = block.feed_forward
+            ffn.w13 = nn.Parameter(ffn.w13.detach()[mine].clone(), requires_grad=False)  # (E/G, 2F, D)
+            ffn.w2 = nn.Parameter(ffn.w2.detach()[mine].clone(), requires_grad=False)  # (E/G, D, F)
+            index = torch.full((cfg.n_experts,), -1, dtype=torch.long, device=self.device)
+            index[mine] = torch.arange(len(mine), device=self.device)
+            self.local_index.append(index)
+
+    # ------------------------------------------------------------------ public
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, return_logits: bool = False) -> Generation:
+        """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), and what it cost to send."""
+        self._check_requests(prompts, max_new_tokens)
+        stats = CommStats.empty(self.cfg.n_layers)
+        comm = _Comm(stats, self.rank, self.world)
+        B = len(prompts)
+        own = torch.arange(self.rank, B, self.world, device=self.device)  # requests homed here
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (B,)
+        max_len = int(lengths.max()) + max_new_tokens
+
+        started = time.perf_counter()
+        local_cache = KVCache.allocate(self.cfg, len(own), max_len, self.device, self.model.output.weight.dtype)
+        logits = self._prefill(comm, [prompts[b] for b in own.tolist()], local_cache)  # (B_own, V)
+        steps: list[Tensor] = []
+        next_tokens = torch.zeros(B, dtype=torch.long, device=self.device)  # (B,) right for the rows held here
+        next_tokens[own] = logits.argmax(-1)
+        if return_logits:
+            steps.append(self._share_rows(logits.float(), own, B))
+        cache = local_cache if self.mode == "standard" else self._share_cache(comm, local_cache, own, B)
+        prefill_s = time.perf_counter() - started
+
+        comm.phase = "decode"
+        generated = [next_tokens]
+        held = own  # requests whose token is on this rank (coherent: it moves with its experts)
+        started = time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            if self.mode == "standard":
+                logits = self._step(comm, next_tokens[held][:, None], lengths[held], cache)
+                next_tokens = next_tokens.clone()
+                next_tokens[held] = logits.argmax(-1)
+            else:  # every rank learns every request's token in the step's context sync
+                held, logits, next_tokens = self._coherent_step(comm, next_tokens, held, lengths, cache, stats)
+            if return_logits:
+                steps.append(self._share_rows(logits.float(), held, B))
+            lengths = lengths + 1
+            generated.append(next_tokens)
+        decode_s = time.perf_counter() - started
+
+        # Home ranks know their requests' tokens in both modes; one all-reduce hands every rank all of them.
+        tokens = self._share_rows(torch.stack(generated, dim=1)[own], own, B).tolist()  # (B, new)
+        all_stats = [stats]
+        if dist.is_initialized():
+            all_stats = [None] * self.world
+            dist.all_gather_object(all_stats, stats)
+        return Generation(tokens, stats.merged(all_stats), decode_s, prefill_s,
+                          torch.stack(steps) if return_logits else None)
+
+    # ------------------------------------------------------------------ phases
+
+    def _prefill(self, comm: _Comm, prompts: list[list[int]], cache: KVCache) -> Tensor:
+        """Standard-mode prefill of this rank's own requests (right-padded); last-position logits (B_own, V)."""
+        T = max((len(p) for p in prompts), default=1)
+        tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=self.device)  # (B_own, T)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.tensor(prompt, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
+        real = torch.arange(T, device=self.device) < lengths[:, None]  # (B_own, T): pads are not routed
+        start = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        return self._step(comm, tokens, start, cache, real, last=lengths - 1)
+
+    def _step(self, comm: _Comm, tokens: Tensor, start: Tensor, cache: KVCache, real: Tensor | None = None,
+              last: Tensor | None = None) -> Tensor:
+        """Standard mode: every layer for tokens (n, T) of the requests homed here, at positions start + t.
+
+        ``real`` (n, T) marks the tokens to route (default all); returns the logits (n, V) at index ``last``.
+        """
+        real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
+        h = self._embed(tokens)  # (n, T, D)
+        for layer, block in enumerate(self.model.layers):
+            comm.layer = layer
+            h = h + self._attention(block, h, start, cache.k[layer], cache.v[layer])
+            h[real] += self._standard_moe(comm, block, layer, block.ffn_norm(h[real]))
+        last = torch.zeros(len(h), dtype=torch.long, device=self.device) if last is None else last
+        return self._logits(h[torch.arange(len(h), device=self.device), last])
+
+    def _coherent_step(self, comm: _Comm, next_tokens: Tensor, held: Tensor, lengths: Tensor, cache: KVCache,
+                       stats: CommStats) -> tuple[Tensor, Tensor, Tensor]:
+        """One coherent decode step: tokens follow their experts; then one all-reduce shares the new K/V.
+
+        Returns the requests whose token ended on this rank, their logits (n, V), and every request's
+        next token (B,).
+        """
+        L, K, Dh = self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim
+        B = len(lengths)
+        # One all-reduce makes the step coherent: each request's row is filled by the one rank that ran it.
+        width = L * 2 * K * Dh
+        shared = torch.zeros(B, width + 1, device=self.device)  # (B, L*2*K*Dh + next token)
+        h = self._embed(next_tokens[held][:, None])  # (n, 1, D)
+        for layer, block in enumerate(self.model.layers):
+            comm.layer = layer
+            pos = lengths[held]  # (n,)
+            k_rows, v_rows = cache.k[layer][held], cache.v[layer][held]  # gathered copies (n, K, S_max, Dh)
+            h = h + self._attention(block, h, pos, k_rows, v_rows)
+            rows = torch.arange(len(held), device=self.device)
+            new_kv = torch.stack((k_rows[rows, :, pos], v_rows[rows, :, pos]), dim=1)  # (n, 2, K, Dh)
+            shared[held, layer * 2 * K * Dh:(layer + 1) * 2 * K * Dh] = new_kv.flatten(1).float()
+            held, h = self._coherent_moe(comm, block, layer, held, h[:, 0])
+            h = h[:, None]  # (n, 1, D)
+        logits = self._logits(h[:, 0])  # (n, V)
+        shared[held, width] = logits.argmax(-1).float()
+        if dist.is_initialized():
+            dist.all_reduce(shared)
+        stats.kv_syncs["decode"] += 1
+        stats.kv_sync_bytes["decode"] += shared.numel() * shared.element_size()
+        new_kv = shared[:, :width].view(B, L, 2, K, Dh).to(cache.k.dtype)
+        rows = torch.arange(B, device=self.device)
+        cache.k[:, rows, :, lengths] = new_kv[:, :, 0]  # (B, L, K, Dh): each request at its own position
+        cache.v[:, rows, :, lengths] = new_kv[:, :, 1]
+        return held, logits, shared[:, width].long()
+
+    # ------------------------------------------------------------------ layers
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        return self.model.tok_embeddings(tokens)  # (n, T, D)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.model.output(self.model.norm(h))  # (n, V)
+
+    def _attention(self, block: Block, h: Tensor, start: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        """Attention of tokens h (n, T, D) at positions start + t; writes their K/V into the caches (n, K, S, Dh)."""
+        n, T, _ = h.shape
+        if n == 0:
+            return torch.zeros_like(h)
+        pos = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
+        cos, sin = rope_cos_sin(pos, self.model.inv_freq)
+        mask = causal_mask(pos, int(pos.max()) + 1, self.cfg.sliding_window)  # (n, 1, T, S)
+        return block.attention(block.attention_norm(h), cos, sin, mask, (k_cache, v_cache), pos)
+
+    def _route(self, block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
+        return route_top_k(block.feed_forward.gate(x), self.cfg.experts_per_token, self.cfg.norm_topk_prob)
+
+    def _experts(self, block: Block, layer: int, x: Tensor, experts: Tensor) -> Tensor:
+        """This rank's experts on rows x (m, D), row r through global expert ``experts[r]``."""
+        ffn = block.feed_forward
+        return expert_outputs(x, self.local_index[layer][experts], ffn.w13, ffn.w2)
+
+    def _standard_moe(self, comm: _Comm, block: Block, layer: int, x: Tensor) -> Tensor:
+        """Dispatch each token's k copies to its experts' ranks, combine the outputs at home: (N, D)."""
+        k, D = self.cfg.experts_per_token, self.cfg.dim
+        weights, experts = self._route(block, x)  # (N, k) each
+        payload = torch.cat((x.repeat_interleave(k, 0).float(), experts.flatten()[:, None].float()), 1)
+        received, route = comm.dispatch(payload, self.gpu_of[layer][experts.flatten()])  # (m, D+1)
+        y = self._experts(block, layer, received[:, :D].to(x.dtype), received[:, D].long())  # (m, D)
+        y = comm.reply(y.float(), route).to(x.dtype).view(-1, k, D)  # (N, k, D)
+        return (y * weights.to(x.dtype)[..., None]).sum(dim=1)
+
+    def _coherent_moe(self, comm: _Comm, block: Block, layer: int, held: Tensor, h: Tensor
+                      ) -> tuple[Tensor, Tensor]:
+        """Send each token (with its residual h (n, D)) to its experts' ranks and leave it there.
+
+        Returns the requests now on this rank and their hidden states (n', D), ordered by request.
+        """
+        k, D = self.cfg.experts_per_token, self.cfg.dim
+        weights, experts = self._route(block, block.ffn_norm(h))  # (n, k) each
+        dest = self.gpu_of[layer][experts]  # (n, k)
+        primary_rank = dest[:, :1].expand(-1, k)  # (n, k) where the token continues: its top-1 expert's rank
+        meta = torch.stack((held[:, None].expand(-1, k), experts, primary_rank,
+                            torch.arange(k, device=self.device).expand(len(held), k)), dim=-1).float()  # (n, k, 4)
+        payload = torch.cat((h[:, None].expand(-1, k, D).float(), weights[..., None].float(), meta), -1)
+        received, _ = comm.dispatch(payload.flatten(0, 1), dest.flatten())  # (m, D + 5)
+        h_in, weight = received[:, :D].to(h.dtype), received[:, D:D + 1].to(h.dtype)
+        request, expert, to_rank, choice = received[:, D + 1:].long().unbind(1)
+        y = self._experts(block, layer, block.ffn_norm(h_in), expert) * weight  # (m, D)
+
+        primary = choice == 0
+        now_held = request[primary]
+        order = now_held.argsort()
+        now_held, out = now_held[order], (h_in[primary] + y[primary])[order]  # (n', D)
+        if k > 1:  # the secondary experts' outputs join their token on its primary rank
+            secondary = ~primary
+            extra = torch.cat((y[secondary].float(), request[secondary, None].float()), 1)  # (s, D + 1)
+            arrived, _ = comm.dispatch(extra, to_rank[secondary])
+            out.index_add_(0, torch.searchsorted(now_held, arrived[:, D].long()), arrived[:, :D].to(out.dtype))
+        return now_held, out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _share_rows(self, values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
+        """Every rank's rows of a (n_rows, ...) tensor, each filled by the one rank holding it (all-reduce)."""
+        full = values.new_zeros((n_rows, *values.shape[1:]))
+        full[rows] = values
+        if dist.is_initialized():
+            dist.all_reduce(full)
+        return full
+
+    def _share_cache(self, comm: _Comm, local: KVCache, own: Tensor, n_requests: int) -> KVCache:
+        """Coherent mode: the prompts' KV cache of every request on every rank (one all-reduce)."""
+        L, _, K, S, Dh = local.k.shape
+        full = torch.zeros(2, L, n_requests, K, S, Dh, device=self.device, dtype=local.k.dtype)
+        full[0][:, own], full[1][:, own] = local.k, local.v
+        if dist.is_initialized():
+            dist.all_reduce(full)
+        comm.stats.kv_syncs["prefill"] += 1
+        comm.stats.kv_sync_bytes["prefill"] += full.numel() * full.element_size()
+        return KVCache(full[0], full[1])
+
+    def _check_requests(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise EffdlError("every request needs a non-empty prompt")
+        if max_new_tokens < 1:
+            raise EffdlError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        longest = max(len(p) for p in prompts) + max_new_tokens
+        if longest > self.cfg.max_seq_len:
+            raise EffdlError(f"prompt + max_new_tokens reach {longest} tokens, past the model's max_seq_len "
+                             f"{self.cfg.max_seq_len}")
+        bad = [t for p in prompts for t in p if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise EffdlError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+
+
+def _check_placement(placement: Placement, cfg, world: int) -> None:
+    if (placement.n_layers, placement.n_experts) != (cfg.n_layers, cfg.n_experts):
+        raise EffdlError(f"the placement is for {placement.n_layers} layers x {placement.n_experts} experts but the "
+                         f"model has {cfg.n_layers} x {cfg.n_experts}")
+    if placement.model and placement.model != model_fingerprint(cfg):
+        raise EffdlError(f"the placement was solved for another model ({placement.model}); this one is "
+                         f"{model_fingerprint(cfg)}")
+    if placement.n_gpus != world:
+        raise EffdlError(f"the placement is for {placement.n_gpus} ranks but the world size is {world}")
