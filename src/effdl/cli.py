@@ -9,6 +9,11 @@
     effdl fpdt train [--preset tiny] [--seq-len 16384] [--chunk-size 2048] [--offload disk] [--sp N under torchrun]
     effdl fpdt plan [--model llama-8b] [--gpus 4] [--gpu-mem 40GiB]
     effdl fpdt eval --model DIR [--seq-len 16384] [--out loss_by_position.png]
+    effdl exflow trace --model DIR [--split val] [--tokens 16384] [--out trace.npz]
+    effdl exflow affinity --checkpoints DIR [DIR ...] [--out affinity.png]
+    effdl exflow place --trace FIT.npz [--eval-trace HELDOUT.npz] --gpus 4 [--method ilp] [--out placement.json]
+    effdl exflow run --model DIR --mode standard|coherent [--placement FILE] (under torchrun: one rank per GPU)
+    effdl exflow simulate --trace T.npz --placement FILE [FILE ...] [--gpus-per-node 4]
     effdl flover serve [--model DIR|preset] [--port 8000] [--max-slots 16] [--policy fused] [--tp N under torchrun]
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
@@ -181,6 +186,90 @@ def _fpdt_eval(args: argparse.Namespace) -> None:
     print(f"plot: {args.out}")
 
 
+def _exflow_trace(args: argparse.Namespace) -> None:
+    from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
+    from effdl.exflow.pipeline import load_moe
+    from effdl.exflow.trace import trace_corpus
+
+    trace = trace_corpus(load_moe(args.model), args.split, args.tokens, args.seq_len)
+    trace.save(args.out)
+    counts = transition_counts(trace.experts, trace.n_experts)
+    plot = plot_affinity(Path(args.out).with_suffix(".png"), counts,
+                         f"P(expert at l+1 | expert at l), {trace.source}")
+    print(f"{trace.n_tokens:,} tokens x {trace.n_layers} layers x top-{trace.top_k}: {args.out}; "
+          f"affinity score {affinity_score(counts):.3f} (0 = independent, 1 = deterministic); heatmap {plot}")
+
+
+def _exflow_affinity(args: argparse.Namespace) -> None:
+    from effdl.exflow.pipeline import affinity_over_training
+    from effdl.report import line_plot, print_table
+
+    scores = affinity_over_training(args.checkpoints, args.tokens)
+    print_table("inter-layer expert affinity on held-out text", ["step", "affinity score"], scores)
+    line_plot(args.out, {"affinity score": ([s for s, _ in scores], [a for _, a in scores])},
+              title="Expert affinity over training (held-out text)", xlabel="training step",
+              ylabel="I(X_l; X_l+1) / H(X_l+1)")
+    print(f"plot: {args.out}")
+
+
+def _exflow_place(args: argparse.Namespace) -> None:
+    from effdl.exflow.pipeline import place_and_score
+    from effdl.exflow.trace import RoutingTrace
+    from effdl.report import print_table
+
+    fit = RoutingTrace.load(args.trace)
+    score = RoutingTrace.load(args.eval_trace) if args.eval_trace else fit
+    report = place_and_score(fit, score, args.gpus, tuple(dict.fromkeys(("round_robin", args.method))),
+                             args.time_limit)
+    chosen = report.placements[args.method]
+    chosen.save(args.out)
+    base = report.held_out["round_robin"]
+    print_table(f"cross-GPU transitions, {args.gpus} GPUs ({'held-out' if args.eval_trace else 'fitted'} trace)",
+                ["method", "cross-GPU share", "vs round robin", "gap", "solve s"],
+                [[name, report.held_out[name], f"{report.held_out[name] / base - 1:+.0%}" if base else "-",
+                  "-" if p.gap is None else f"{p.gap:.1%}", p.solve_s] for name, p in report.placements.items()])
+    print(f"placement: {args.out}")
+
+
+def _exflow_run(args: argparse.Namespace) -> None:
+    from effdl.dist import init_from_env
+    from effdl.exflow.parallel import ExpertParallel
+    from effdl.exflow.pipeline import corpus_prompts, load_moe
+    from effdl.exflow.placement import Placement
+    from effdl.report import print_table
+
+    rank, world, device = init_from_env()
+    placement = Placement.load(args.placement) if args.placement else None
+    runner = ExpertParallel(load_moe(args.model, device), args.mode, placement)
+    result = runner.generate(corpus_prompts(args.requests, args.prompt_len), args.new_tokens)
+    if rank == 0:
+        stats, steps = result.stats, args.new_tokens - 1
+        print_table(f"{args.mode} expert parallelism on {world} ranks: {args.requests} requests x "
+                    f"{args.new_tokens} tokens", ["MoE layer", "all-to-alls per decode step",
+                                                   "size exchanges per step", "token rows to other ranks per step"],
+                    [[layer, a / max(steps, 1), c / max(steps, 1), x / max(steps, 1)] for layer, (a, c, x) in
+                     enumerate(zip(stats.all_to_all["decode"], stats.size_exchanges["decode"],
+                                   stats.rows_cross["decode"], strict=True))])
+        print(f"decode {args.requests * steps / max(result.decode_s, 1e-9):,.1f} tokens/s, prefill "
+              f"{result.prefill_s:.2f} s; context syncs per step {stats.kv_syncs['decode'] / max(steps, 1):.0f}")
+
+
+def _exflow_simulate(args: argparse.Namespace) -> None:
+    from effdl.exflow.placement import Placement
+    from effdl.exflow.simulate import Topology, plan_table
+    from effdl.exflow.trace import RoutingTrace
+    from effdl.report import print_table
+
+    trace = RoutingTrace.load(args.trace)
+    placements = {Path(p).stem: Placement.load(p) for p in args.placement}
+    n_gpus = next(iter(placements.values())).n_gpus
+    topo = Topology(n_gpus, args.gpus_per_node, args.intra_gbps, args.inter_gbps)
+    rows = plan_table(trace.experts, {k: p.gpu_of for k, p in placements.items()}, topo, args.token_bytes,
+                      args.kv_bytes)
+    print_table(f"all-to-all time per forward step, {trace.n_tokens:,} tokens, {n_gpus} GPUs "
+                f"({args.gpus_per_node} per node)", list(rows[0]), [list(r.values()) for r in rows])
+
+
 def _add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     """The ``TrainConfig`` options shared by every trainer verb; ``defaults`` overrides TrainConfig's in the help."""
     from effdl.core.trainer import TrainConfig
@@ -207,10 +296,10 @@ def _add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
-    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,fpdt,flover}")
+    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,fpdt,exflow,flover}")
 
     demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
-    demo.add_argument("--only", help="run one stage (lm, soft, fpdt, flover)")
+    demo.add_argument("--only", help="run one stage (lm, soft, fpdt, exflow, flover)")
     demo.add_argument("--out", default="effdl-demo", help="report folder (default: effdl-demo)")
     demo.add_argument("--quick", action="store_true", help="seconds per stage instead of ~90 (smoke test)")
     demo.set_defaults(run=_demo)
@@ -288,6 +377,47 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--out", default="loss_by_position.png")
     fe.add_argument("--device", default="auto")
     fe.set_defaults(run=_fpdt_eval)
+
+    exflow = systems.add_parser("exflow", help="MoE inference: expert affinity, placement, one all-to-all per layer"
+                                ).add_subparsers(dest="verb", required=True,
+                                                 metavar="{trace,affinity,place,run,simulate}")
+    et = exflow.add_parser("trace", help="record which experts every token visits (.npz) and plot the affinity")
+    et.add_argument("--model", required=True, help="MoE checkpoint folder or training run folder")
+    et.add_argument("--split", choices=["train", "val"], default="val", help="held-in or held-out text")
+    et.add_argument("--tokens", type=int, default=16384)
+    et.add_argument("--seq-len", type=int, default=256)
+    et.add_argument("--out", default="trace.npz")
+    et.set_defaults(run=_exflow_trace)
+    ea = exflow.add_parser("affinity", help="affinity score of each checkpoint of a training run, as a plot")
+    ea.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders or run folders")
+    ea.add_argument("--tokens", type=int, default=8192, help="held-out tokens traced per checkpoint")
+    ea.add_argument("--out", default="affinity.png")
+    ea.set_defaults(run=_exflow_affinity)
+    ep = exflow.add_parser("place", help="solve an expert placement from a routing trace")
+    ep.add_argument("--trace", required=True, help="trace to fit (held-in text)")
+    ep.add_argument("--eval-trace", help="trace to score on (held-out text; default: the fitted one)")
+    ep.add_argument("--gpus", type=int, required=True)
+    ep.add_argument("--method", choices=["ilp", "staged", "round_robin"], default="ilp")
+    ep.add_argument("--time-limit", type=float, default=60.0, help="ilp solver seconds")
+    ep.add_argument("--out", default="placement.json")
+    ep.set_defaults(run=_exflow_place)
+    er = exflow.add_parser("run", help="expert-parallel greedy decoding under torchrun, with traffic counts")
+    er.add_argument("--model", required=True, help="MoE checkpoint folder or training run folder")
+    er.add_argument("--mode", choices=["standard", "coherent"], default="coherent")
+    er.add_argument("--placement", help="placement.json from `effdl exflow place` (default round robin)")
+    er.add_argument("--requests", type=int, default=16)
+    er.add_argument("--prompt-len", type=int, default=64)
+    er.add_argument("--new-tokens", type=int, default=32)
+    er.set_defaults(run=_exflow_run)
+    es = exflow.add_parser("simulate", help="all-to-all time per step on a multi-node topology (traffic model)")
+    es.add_argument("--trace", required=True)
+    es.add_argument("--placement", nargs="+", required=True, help="placement files (same GPU count)")
+    es.add_argument("--gpus-per-node", type=int, default=4)
+    es.add_argument("--intra-gbps", type=float, default=200.0, help="GB/s per GPU within a node")
+    es.add_argument("--inter-gbps", type=float, default=25.0, help="GB/s per GPU across nodes")
+    es.add_argument("--token-bytes", type=float, default=8192, help="bytes per token row (hidden size x dtype)")
+    es.add_argument("--kv-bytes", type=float, default=0.0, help="coherent mode: K/V bytes per token all-gathered")
+    es.set_defaults(run=_exflow_simulate)
 
     flover = systems.add_parser("flover", help="serve a model to requests arriving at random times (Flover)"
                                 ).add_subparsers(dest="verb", required=True, metavar="{serve}")

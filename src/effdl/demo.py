@@ -80,8 +80,15 @@ def _fpdt_stage(out_dir: Path, quick: bool) -> StageReport:
     return fpdt_stage(out_dir, quick)
 
 
+def _exflow_stage(out_dir: Path, quick: bool) -> StageReport:
+    from effdl.exflow.demo import exflow_stage
+
+    return exflow_stage(out_dir, quick)
+
+
 STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage, "soft": _soft_stage,
-                                                          "fpdt": _fpdt_stage, "flover": _flover_stage}
+                                                          "fpdt": _fpdt_stage, "exflow": _exflow_stage,
+                                                          "flover": _flover_stage}
 
 
 def run_demo(out_dir: str | Path = "effdl-demo", only: str | None = None, quick: bool = False) -> Path:
