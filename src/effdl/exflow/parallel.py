@@ -21,8 +21,9 @@ With k > 1 a token's k copies sit on up to k ranks after the experts; the copies
 experts send their weighted outputs to the primary (top-1) expert's rank, where the token continues: a
 second all-to-all, counted as "combine", that moves only tokens whose experts straddle ranks.
 
-Both modes need each receiver to know how many rows it gets: every data all-to-all whose sizes are not
-already known (dispatch) is preceded by an exchange of G row counts, counted separately.
+A receiver must know how many rows it gets. Small exchanges (decode) send a fixed number of slots per
+peer with a validity column, so a dispatch is one collective; large ones (prefill) first exchange the G
+row counts (counted separately as size exchanges) and then send exactly the rows.
 Greedy decoding only. Results equal the single-process model's up to float summation order.
 """
 
@@ -89,37 +90,60 @@ class Generation:
 class _Comm:
     """Row exchanges between ranks, counted into ``CommStats``."""
 
-    def __init__(self, stats: CommStats, rank: int, world: int):
-        self.stats, self.rank, self.world = stats, rank, world
+    def __init__(self, stats: CommStats, rank: int, world: int, pad_limit_bytes: int):
+        self.stats, self.rank, self.world, self.pad_limit_bytes = stats, rank, world, pad_limit_bytes
         self.phase, self.layer = "prefill", 0
+        # Limits every rank knows on the token rows in play: on any one home rank, and in all.
+        self.home_rows, self.all_rows = 0, 0
 
-    def dispatch(self, rows: Tensor, dest: Tensor) -> tuple[Tensor, _Route]:
+    def dispatch(self, rows: Tensor, dest: Tensor, bound: int) -> tuple[Tensor, _Route]:
         """Send row i of ``rows`` (n, P) to rank ``dest[i]``; returns the rows received (m, P), grouped by sender.
 
-        One exchange of G row counts, then one all-to-all of the rows.
+        ``bound``: a limit, known to every rank, on the rows one rank may send to another. When G x bound
+        rows are small (decode), rows travel in ``bound`` fixed slots per peer with a validity column: ONE
+        collective, padding instead of a size exchange, which is what a latency-bound step wants. Otherwise
+        (prefill) the G row counts are exchanged first, then exactly the rows.
         """
         order = dest.argsort(stable=True)  # (n,)
         send = torch.bincount(dest, minlength=self.world)  # (G,)
+        P = rows.shape[1]
+        if self.world * bound * (P + 1) * rows.element_size() <= self.pad_limit_bytes:
+            sorted_dest = dest[order]
+            slot = torch.arange(len(order), device=rows.device) - (send.cumsum(0) - send)[sorted_dest]
+            slots = rows.new_zeros((self.world, bound, P + 1))  # (G, bound, P + valid)
+            slots[sorted_dest, slot, :P] = rows[order]
+            slots[sorted_dest, slot, P] = 1
+            arrived = self._all_to_all(slots.view(-1, P + 1), [bound] * self.world, [bound] * self.world,
+                                       send.tolist()).view(self.world, bound, P + 1)
+            valid = arrived[..., P] > 0  # (G, bound): senders fill their slots from the front
+            return arrived[valid][:, :P], _Route(order, send.tolist(), valid.sum(1).tolist())
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send)
+        self._collective(recv, send, None, None)
         self.stats.size_exchanges[self.phase][self.layer] += 1
         route = _Route(order, send.tolist(), recv.tolist())
-        return self._all_to_all(rows[order], route.send, route.recv), route
+        return self._all_to_all(rows[order], route.send, route.recv, route.send), route
 
     def reply(self, rows: Tensor, route: _Route) -> Tensor:
         """Send the rows received through ``route`` (m, P) back to their senders, in their original order."""
-        back = self._all_to_all(rows, route.recv, route.send)  # (n, P) in dispatch order
+        back = self._all_to_all(rows, route.recv, route.send, route.recv)  # (n, P) in dispatch order
         out = torch.empty_like(back)
         out[route.order] = back
         return out
 
-    def _all_to_all(self, rows: Tensor, send: list[int], recv: list[int]) -> Tensor:
+    def _all_to_all(self, rows: Tensor, send: list[int], recv: list[int], real: list[int]) -> Tensor:
+        """One all-to-all of rows (sum(send), P); ``real``: the rows per peer that carry tokens (not padding)."""
         out = rows.new_empty((sum(recv), rows.shape[1]))
-        dist.all_to_all_single(out, rows.contiguous(), recv, send)
+        self._collective(out, rows.contiguous(), recv, send)
         self.stats.all_to_all[self.phase][self.layer] += 1
-        self.stats.rows_total[self.phase][self.layer] += sum(send)
-        self.stats.rows_cross[self.phase][self.layer] += sum(send) - send[self.rank]
+        self.stats.rows_total[self.phase][self.layer] += sum(real)
+        self.stats.rows_cross[self.phase][self.layer] += sum(real) - real[self.rank]
         return out
+
+    def _collective(self, out: Tensor, inp: Tensor, recv: list[int] | None, send: list[int] | None) -> None:
+        if dist.is_initialized():
+            dist.all_to_all_single(out, inp, recv, send)
+        else:  # a single process without a process group
+            out.copy_(inp)
 
 
 @dataclass
@@ -133,10 +157,12 @@ class ExpertParallel:
     """One rank's share of an MoE ``Transformer`` and the generation loop of the chosen mode.
 
     Takes ownership of ``model``: its stacked expert weights are replaced by this rank's experts.
-    Every rank must call ``generate`` with the same requests.
+    Every rank must call ``generate`` with the same requests. Exchanges of up to ``pad_limit_bytes``
+    travel padded in one collective instead of after a size exchange (0: always exchange sizes).
     """
 
-    def __init__(self, model: Transformer, mode: str = "coherent", placement: Placement | None = None):
+    def __init__(self, model: Transformer, mode: str = "coherent", placement: Placement | None = None,
+                 pad_limit_bytes: int = 1 << 20):
         cfg = model.config
         if mode not in MODES:
             raise EffdlError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
@@ -150,7 +176,7 @@ class ExpertParallel:
         else:
             _check_placement(placement, cfg, self.world)
             gpu_of = torch.from_numpy(placement.gpu_of)
-        self.model, self.mode, self.cfg = model.eval(), mode, cfg
+        self.model, self.mode, self.cfg, self.pad_limit_bytes = model.eval(), mode, cfg, pad_limit_bytes
         self.device = model.output.weight.device
         self.gpu_of = gpu_of.to(self.device)  # (L, E)
         self.local_index = []  # per layer: (E,) position of each global expert in this rank's stack, -1 elsewhere
@@ -170,12 +196,13 @@ class ExpertParallel:
         """Greedy continuations of ``prompts`` (exactly ``max_new_tokens`` each), and what it cost to send."""
         self._check_requests(prompts, max_new_tokens)
         stats = CommStats.empty(self.cfg.n_layers)
-        comm = _Comm(stats, self.rank, self.world)
+        comm = _Comm(stats, self.rank, self.world, self.pad_limit_bytes)
         B = len(prompts)
-        own = torch.arange(self.rank, B, self.world, device=self.device)  # requests homed here
+        own = torch.arange(B, device=self.device)[self.rank::self.world]  # requests homed here (maybe none)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (B,)
         max_len = int(lengths.max()) + max_new_tokens
 
+        comm.home_rows = max(sum(len(p) for p in prompts[r::self.world]) for r in range(self.world))
         started = time.perf_counter()
         local_cache = KVCache.allocate(self.cfg, len(own), max_len, self.device, self.model.output.weight.dtype)
         logits = self._prefill(comm, [prompts[b] for b in own.tolist()], local_cache)  # (B_own, V)
@@ -188,6 +215,7 @@ class ExpertParallel:
         prefill_s = time.perf_counter() - started
 
         comm.phase = "decode"
+        comm.home_rows, comm.all_rows = -(-B // self.world), B
         generated = [next_tokens]
         held = own  # requests whose token is on this rank (coherent: it moves with its experts)
         started = time.perf_counter()
@@ -307,7 +335,8 @@ class ExpertParallel:
         k, D = self.cfg.experts_per_token, self.cfg.dim
         weights, experts = self._route(block, x)  # (N, k) each
         payload = torch.cat((x.repeat_interleave(k, 0).float(), experts.flatten()[:, None].float()), 1)
-        received, route = comm.dispatch(payload, self.gpu_of[layer][experts.flatten()])  # (m, D+1)
+        bound = comm.home_rows * k  # what one home rank can send anywhere
+        received, route = comm.dispatch(payload, self.gpu_of[layer][experts.flatten()], bound)  # (m, D+1)
         y = self._experts(block, layer, received[:, :D].to(x.dtype), received[:, D].long())  # (m, D)
         y = comm.reply(y.float(), route).to(x.dtype).view(-1, k, D)  # (N, k, D)
         return (y * weights.to(x.dtype)[..., None]).sum(dim=1)
@@ -325,7 +354,7 @@ class ExpertParallel:
         meta = torch.stack((held[:, None].expand(-1, k), experts, primary_rank,
                             torch.arange(k, device=self.device).expand(len(held), k)), dim=-1).float()  # (n, k, 4)
         payload = torch.cat((h[:, None].expand(-1, k, D).float(), weights[..., None].float(), meta), -1)
-        received, _ = comm.dispatch(payload.flatten(0, 1), dest.flatten())  # (m, D + 5)
+        received, _ = comm.dispatch(payload.flatten(0, 1), dest.flatten(), comm.all_rows * k)  # (m, D + 5)
         h_in, weight = received[:, :D].to(h.dtype), received[:, D:D + 1].to(h.dtype)
         request, expert, to_rank, choice = received[:, D + 1:].long().unbind(1)
         y = self._experts(block, layer, block.ffn_norm(h_in), expert) * weight  # (m, D)
@@ -337,7 +366,7 @@ class ExpertParallel:
         if k > 1:  # the secondary experts' outputs join their token on its primary rank
             secondary = ~primary
             extra = torch.cat((y[secondary].float(), request[secondary, None].float()), 1)  # (s, D + 1)
-            arrived, _ = comm.dispatch(extra, to_rank[secondary])
+            arrived, _ = comm.dispatch(extra, to_rank[secondary], comm.all_rows * (k - 1))
             out.index_add_(0, torch.searchsorted(now_held, arrived[:, D].long()), arrived[:, :D].to(out.dtype))
         return now_held, out
 
