@@ -262,6 +262,8 @@ def _exflow_simulate(args: argparse.Namespace) -> None:
 
     trace = RoutingTrace.load(args.trace)
     placements = {Path(p).stem: Placement.load(p) for p in args.placement}
+    for name, placement in placements.items():
+        trace.check_fits(placement.n_layers, placement.n_experts, f"placement {name}")
     n_gpus = next(iter(placements.values())).n_gpus
     topo = Topology(n_gpus, args.gpus_per_node, args.intra_gbps, args.inter_gbps)
     rows = plan_table(trace.experts, {k: p.gpu_of for k, p in placements.items()}, topo, args.token_bytes,

@@ -73,9 +73,13 @@ class RoutingTrace:
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Raise ``EffdlError`` unless the trace's layer and expert counts fit ``cfg``."""
-        if (self.n_layers, self.n_experts) != (cfg.n_layers, cfg.n_experts):
-            raise EffdlError(f"the trace has {self.n_layers} layers x {self.n_experts} experts but the model has "
-                             f"{cfg.n_layers} x {cfg.n_experts}")
+        self.check_fits(cfg.n_layers, cfg.n_experts, "the model")
+
+    def check_fits(self, n_layers: int, n_experts: int, what: str) -> None:
+        """Raise ``EffdlError`` unless the trace has ``n_layers`` x ``n_experts`` (``what`` names the other side)."""
+        if (self.n_layers, self.n_experts) != (n_layers, n_experts):
+            raise EffdlError(f"the trace has {self.n_layers} layers x {self.n_experts} experts but {what} has "
+                             f"{n_layers} x {n_experts}")
 
 
 @torch.no_grad()
