@@ -56,6 +56,7 @@ class CommStats:
     rows_total: dict[str, list[int]]  # token rows sent anywhere (this rank included), per layer
     kv_syncs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))  # coherent-context syncs
     kv_sync_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
+    comm_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # in collectives, waits incl.
 
     @classmethod
     def empty(cls, n_layers: int) -> CommStats:
@@ -71,6 +72,7 @@ class CommStats:
             out.all_to_all[phase] = list(self.all_to_all[phase])
             out.size_exchanges[phase] = list(self.size_exchanges[phase])
             out.kv_syncs[phase] = self.kv_syncs[phase]
+            out.comm_s[phase] = max(s.comm_s[phase] for s in others)  # the ranks wait for each other
             for s in others:
                 out.rows_cross[phase] = [a + b for a, b in zip(out.rows_cross[phase], s.rows_cross[phase], strict=True)]
                 out.rows_total[phase] = [a + b for a, b in zip(out.rows_total[phase], s.rows_total[phase], strict=True)]
@@ -139,11 +141,22 @@ class _Comm:
         self.stats.rows_cross[self.phase][self.layer] += sum(real) - real[self.rank]
         return out
 
+    def sync(self, tensor: Tensor) -> None:
+        """Sum ``tensor`` over ranks in place: the coherent context's K/V exchange (each row has one writer)."""
+        started = time.perf_counter()
+        if dist.is_initialized():
+            dist.all_reduce(tensor)
+        self.stats.comm_s[self.phase] += time.perf_counter() - started
+        self.stats.kv_syncs[self.phase] += 1
+        self.stats.kv_sync_bytes[self.phase] += tensor.numel() * tensor.element_size()
+
     def _collective(self, out: Tensor, inp: Tensor, recv: list[int] | None, send: list[int] | None) -> None:
+        started = time.perf_counter()
         if dist.is_initialized():
             dist.all_to_all_single(out, inp, recv, send)
         else:  # a single process without a process group
             out.copy_(inp)
+        self.stats.comm_s[self.phase] += time.perf_counter() - started
 
 
 @dataclass
@@ -225,7 +238,7 @@ class ExpertParallel:
                 next_tokens = next_tokens.clone()
                 next_tokens[held] = logits.argmax(-1)
             else:  # every rank learns every request's token in the step's context sync
-                held, logits, next_tokens = self._coherent_step(comm, next_tokens, held, lengths, cache, stats)
+                held, logits, next_tokens = self._coherent_step(comm, next_tokens, held, lengths, cache)
             if return_logits:
                 steps.append(self._share_rows(logits.float(), held, B))
             lengths = lengths + 1
@@ -269,8 +282,8 @@ class ExpertParallel:
         last = torch.zeros(len(h), dtype=torch.long, device=self.device) if last is None else last
         return self._logits(h[torch.arange(len(h), device=self.device), last])
 
-    def _coherent_step(self, comm: _Comm, next_tokens: Tensor, held: Tensor, lengths: Tensor, cache: KVCache,
-                       stats: CommStats) -> tuple[Tensor, Tensor, Tensor]:
+    def _coherent_step(self, comm: _Comm, next_tokens: Tensor, held: Tensor, lengths: Tensor, cache: KVCache
+                       ) -> tuple[Tensor, Tensor, Tensor]:
         """One coherent decode step: tokens follow their experts; then one all-reduce shares the new K/V.
 
         Returns the requests whose token ended on this rank, their logits (n, V), and every request's
@@ -294,10 +307,7 @@ class ExpertParallel:
             h = h[:, None]  # (n, 1, D)
         logits = self._logits(h[:, 0])  # (n, V)
         shared[held, width] = logits.argmax(-1).float()
-        if dist.is_initialized():
-            dist.all_reduce(shared)
-        stats.kv_syncs["decode"] += 1
-        stats.kv_sync_bytes["decode"] += shared.numel() * shared.element_size()
+        comm.sync(shared)
         new_kv = shared[:, :width].view(B, L, 2, K, Dh).to(cache.k.dtype)
         rows = torch.arange(B, device=self.device)
         cache.k[:, rows, :, lengths] = new_kv[:, :, 0]  # (B, L, K, Dh): each request at its own position
@@ -385,10 +395,7 @@ class ExpertParallel:
         L, _, K, S, Dh = local.k.shape
         full = torch.zeros(2, L, n_requests, K, S, Dh, device=self.device, dtype=local.k.dtype)
         full[0][:, own], full[1][:, own] = local.k, local.v
-        if dist.is_initialized():
-            dist.all_reduce(full)
-        comm.stats.kv_syncs["prefill"] += 1
-        comm.stats.kv_sync_bytes["prefill"] += full.numel() * full.element_size()
+        comm.sync(full)
         return KVCache(full[0], full[1])
 
     def _check_requests(self, prompts: list[list[int]], max_new_tokens: int) -> None:
