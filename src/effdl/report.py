@@ -121,7 +121,8 @@ def heatmaps(path: str | Path, matrices: Sequence[Any], titles: Sequence[str], *
     vmax = max(float(m.max()) for m in matrices)
     for ax, matrix, sub in zip(axes[0], matrices, titles, strict=True):
         image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
-        ax.set(title=sub, xlabel=xlabel, ylabel=ylabel)
+        ax.set(title=sub, xlabel=xlabel)
+    axes[0][0].set_ylabel(ylabel)
     fig.colorbar(image, ax=axes[0].tolist(), label=colorbar, shrink=0.85)
     fig.suptitle(title)
     return _save(fig, path, tight=False)
