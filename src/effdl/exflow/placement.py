@@ -30,9 +30,10 @@ Integer program (``method="ilp"``, scipy.optimize.milp with HiGHS):
   its root LP is solved (often the case for E >= 32).
 Staged (``method="staged"``): with the neighbouring layers fixed, the best placement of one layer is a
   balanced assignment -- expert e on GPU g gains the tokens it exchanges with neighbours on g -- solved
-  exactly by ``linear_sum_assignment`` on the (E, E) matrix of each GPU repeated cap times. Layer 0 is
-  round robin, layers 1..L-1 are placed in turn given the previous one, then sweeps re-place every layer
-  given both neighbours until the objective stops improving. Cost O(sweeps L E^3), milliseconds at E=64.
+  exactly by ``linear_sum_assignment`` on the (E, E) matrix of each GPU repeated cap times. From an anchor
+  layer in round robin, the other layers are placed in turn given the neighbour placed before them, then
+  sweeps re-place every layer given both neighbours until the objective stops improving; the best of the
+  L anchors is kept. Cost O(L sweeps L E^3), well under a second at E=64, L=6.
 Round robin: gpu_of[l, e] = e % G, expert parallelism that ignores affinity. Cost O(L E).
 """
 
@@ -213,15 +214,36 @@ def _layer_gain(counts: np.ndarray, gpu_of: np.ndarray, layer: int, n_gpus: int)
 
 
 def _staged(counts: np.ndarray, n_gpus: int) -> np.ndarray:
-    """Greedy layer-by-layer balanced assignments, then sweeps given both neighbours. O(sweeps L E^3)."""
+    """Best of L starts: from each anchor layer (round robin), place the layers after it and then the layers
+    before it by balanced assignments given the layer just placed, then sweep given both neighbours until the
+    objective stops improving. O(L sweeps L E^3)."""
+    n_layers = counts.shape[0] + 1
+    best, best_stay = None, -1.0
+    for anchor in range(n_layers):
+        gpu_of = _sweep(counts, _chain_from(counts, anchor, n_gpus), n_gpus)
+        stay = _stay(counts, gpu_of)
+        if stay > best_stay:
+            best, best_stay = gpu_of, stay
+    return best
+
+
+def _chain_from(counts: np.ndarray, anchor: int, n_gpus: int) -> np.ndarray:
+    """Round robin at ``anchor``; every other layer placed given its already-placed neighbour towards the anchor."""
     n_layers, n_experts = counts.shape[0] + 1, counts.shape[1]
     gpu_of = round_robin(n_layers, n_experts, n_gpus)
-    for layer in range(1, n_layers):  # the next layer is not placed yet: use the previous one only
-        onehot = np.eye(n_gpus)[gpu_of[layer - 1]]  # (E, G)
-        gpu_of[layer] = _balanced_assignment(counts[layer - 1].T @ onehot, n_gpus)
+    onehot = np.eye(n_gpus)
+    for layer in range(anchor + 1, n_layers):  # tokens arriving from the previous layer
+        gpu_of[layer] = _balanced_assignment(counts[layer - 1].T @ onehot[gpu_of[layer - 1]], n_gpus)
+    for layer in range(anchor - 1, -1, -1):  # tokens leaving to the next layer
+        gpu_of[layer] = _balanced_assignment(counts[layer] @ onehot[gpu_of[layer + 1]], n_gpus)
+    return gpu_of
+
+
+def _sweep(counts: np.ndarray, gpu_of: np.ndarray, n_gpus: int) -> np.ndarray:
+    """Re-place every layer given both neighbours, sweep after sweep, until the objective stops improving."""
     best, tol = _stay(counts, gpu_of), 1e-12 * float(counts.sum())
     for _ in range(MAX_SWEEPS):  # each step is exact given its neighbours, so the objective never gets worse
-        for layer in range(n_layers):
+        for layer in range(len(gpu_of)):
             gpu_of[layer] = _balanced_assignment(_layer_gain(counts, gpu_of, layer, n_gpus), n_gpus)
         stay = _stay(counts, gpu_of)
         if stay <= best + tol:
