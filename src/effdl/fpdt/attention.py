@@ -25,6 +25,7 @@ and FPDT's offloaded pipeline.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Hashable, Iterator
 
@@ -35,8 +36,6 @@ from effdl.errors import EffdlError
 from effdl.fpdt.store import OffloadStore
 
 BACKENDS = ("auto", "flash", "math")
-_cuda_kernel_ok: bool | None = None  # decided by a self-check on first CUDA use
-
 
 def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, end) of each chunk of ``length`` tokens in chunks of ``chunk_size`` (the last may be shorter)."""
@@ -106,26 +105,26 @@ def _cuda_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     return dq, dk, dv
 
 
+@functools.cache
 def _cuda_kernel_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Run the CUDA kernels once on a small problem and compare with the math path; warn and fall back if off."""
-    global _cuda_kernel_ok
-    if _cuda_kernel_ok is None:
-        gen = torch.Generator(device).manual_seed(0)
-        q, k, v, dout = (torch.randn(1, 2, 40, 32, device=device, dtype=dtype, generator=gen) for _ in range(4))
-        tol = 1e-4 if dtype == torch.float32 else 3e-2
-        try:
-            ref = _math_forward(q, k, v, True, 0.2)
-            got = _cuda_forward(q, k, v, True, 0.2)
-            ref_grads = _math_backward(dout, q, k, v, *ref, True, 0.2)
-            got_grads = _cuda_backward(dout, q, k, v, *got, True, 0.2)
-            pairs = [*zip(ref, got, strict=True), *zip(ref_grads, got_grads, strict=True)]
-            _cuda_kernel_ok = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in pairs)
-            reason = "disagrees with the math path"
-        except RuntimeError as e:
-            _cuda_kernel_ok, reason = False, f"is unavailable ({e})"
-        if not _cuda_kernel_ok:
-            warnings.warn(f"CUDA attention kernel {reason}; FPDT uses the math path", stacklevel=2)
-    return _cuda_kernel_ok
+    """Run the CUDA kernels once per device and dtype on a small problem and compare with the math path;
+    warn and fall back if they are unavailable or disagree."""
+    gen = torch.Generator(device).manual_seed(0)
+    q, k, v, dout = (torch.randn(1, 2, 40, 32, device=device, dtype=dtype, generator=gen) for _ in range(4))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    try:
+        ref = _math_forward(q, k, v, True, 0.2)
+        got = _cuda_forward(q, k, v, True, 0.2)
+        ref_grads = _math_backward(dout, q, k, v, *ref, True, 0.2)
+        got_grads = _cuda_backward(dout, q, k, v, *got, True, 0.2)
+        pairs = [*zip(ref, got, strict=True), *zip(ref_grads, got_grads, strict=True)]
+        usable = all(torch.allclose(a.float(), b.float(), atol=tol, rtol=tol) for a, b in pairs)
+        reason = "disagrees with the math path"
+    except RuntimeError as e:
+        usable, reason = False, f"is unavailable ({e})"
+    if not usable:
+        warnings.warn(f"CUDA attention kernel {reason} for {dtype}; FPDT uses the math path", stacklevel=2)
+    return usable
 
 
 def _use_flash(q: Tensor, backend: str) -> bool:
