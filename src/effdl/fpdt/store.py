@@ -219,6 +219,7 @@ class DiskStore(OffloadStore):
             with open(path, "wb") as f:
                 f.write(memoryview(raw.numpy()))
         except OSError as e:
+            path.unlink(missing_ok=True)  # a partial file is not offloaded data: discard must not uncount it
             raise EffdlError(f"could not write spill file {path}: {e.strerror or e} (is the disk full?)") from None
         self._count(offloaded=_nbytes(tensor))
         if self._tensors.get(key) is tensor:  # not replaced or discarded meanwhile
