@@ -91,3 +91,39 @@ def test_none_store_accounting():
     assert store.resident_bytes == 1024 and store.peak_resident_bytes == 2048 and store.offloaded_bytes == 0
     with pytest.raises(EffdlError, match="unknown offload"):
         make_store("nvme")
+
+
+def test_disk_failed_write_leaves_no_file_and_exact_accounting(tmp_path, monkeypatch):
+    import errno
+
+    import effdl.fpdt.store as store_module
+
+    class FullDisk:
+        """A file that takes a few bytes and then reports a full disk, as a real one would."""
+
+        def __init__(self, path, mode):
+            self.file = open(path, mode)  # noqa: SIM115
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(bytes(data)[:16])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    store = DiskStore(tmp_path)
+    monkeypatch.setattr(store_module, "open", FullDisk, raising=False)
+    expected = torch.randn(64, 64)
+    store.put("x", expected.clone())
+    with pytest.raises(EffdlError, match="could not write spill file .* No space left on device"):
+        store.flush()
+    assert not list(store.folder.glob("*.bin"))
+    assert torch.equal(store.get("x"), expected)  # nothing lost: the tensor stayed resident
+    store.put("y", torch.randn(8))  # a second failed write, discarded before anyone asked for it
+    store.discard("y")
+    store.discard("x")
+    assert store.offloaded_bytes == 0 and store.resident_bytes == 0
+    store.close()

@@ -255,14 +255,13 @@ class DiskStore(OffloadStore):
         return tensor
 
     def flush(self) -> None:
-        for key, write in list(self._writes.items()):
-            write.result()
-            self._writes.pop(key, None)
+        for key in list(self._writes):
+            self._writes.pop(key).result()  # raises once for a failed write; the tensor stays resident
 
     def discard(self, key: Hashable) -> None:
         write, read = self._writes.pop(key, None), self._reads.pop(key, None)
         if write is not None:
-            write.result()
+            write.exception()  # wait; a failed write of data no longer wanted is not an error
         if read is not None:
             self._count(resident=-_nbytes(read.result()))
         super().discard(key)
