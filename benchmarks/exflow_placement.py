@@ -17,11 +17,11 @@ from harness import RESULTS, report
 
 from effdl.core.trainer import TrainConfig, train
 from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
-from effdl.exflow.pipeline import affinity_over_training, place_and_score
+from effdl.exflow.pipeline import affinity_over_training, load_moe, place_and_score
 from effdl.exflow.placement import round_robin, solve
 from effdl.exflow.simulate import Topology, plan_table
 from effdl.exflow.trace import trace_corpus
-from effdl.report import bar_plot, line_plot
+from effdl.report import bar_plot, line_plot, print_table
 
 RUNS = Path("runs/bench-exflow")
 HIDDEN_BYTES = 4096 * 2  # traffic model: one bf16 hidden state of a Mixtral-sized model
@@ -34,8 +34,6 @@ SIM_COLUMNS = ["experts", "GPUs", "placement", "mode", "cross-rank copies / toke
 
 def trained_model(n_experts: int, steps: int):
     """The GPT-MoE model with ``n_experts`` experts trained for ``steps`` (trained now unless already on disk)."""
-    from effdl.exflow.pipeline import load_moe
-
     out = RUNS / f"gpt-moe-{n_experts}e-{steps}steps"
     final = out / f"checkpoint-{steps:06d}"
     if not final.is_dir():
@@ -79,10 +77,10 @@ def main() -> None:
             print(rows[-1])
         # Beyond this machine: the traffic model on clusters of 4-GPU nodes, staged placement (ilp is too slow),
         # with Mixtral-sized messages: bf16 hidden states of 4096, and 8 K/V heads of 128 per layer.
+        fit_counts = transition_counts(fit.experts, fit.n_experts)
         for n_gpus in (8, 16, 32, 64):
             if n_experts % n_gpus:
                 continue
-            fit_counts = transition_counts(fit.experts, fit.n_experts)
             placements = {"round robin": round_robin(model.config.n_layers, n_experts, n_gpus),
                           "staged": solve(fit_counts, n_gpus, "staged").gpu_of}
             kv_bytes = model.config.n_layers * 2 * 8 * 128 * 2
@@ -101,8 +99,6 @@ def main() -> None:
            extra={"args": vars(args), "affinity_over_training": evolution, "simulated": {
                "columns": SIM_COLUMNS,
                "rows": sim_rows}})
-    from effdl.report import print_table
-
     print_table("traffic model: 4 GPUs per node, 200/25 GB/s intra/inter node, Mixtral-sized bf16 messages",
                 SIM_COLUMNS, sim_rows)
     bar_plot(RESULTS / "exflow_placement.png", categories, series,

@@ -166,14 +166,11 @@ def _fpdt_eval(args: argparse.Namespace) -> None:
     import torch
 
     from effdl.core.hf import load_checkpoint
-    from effdl.core.trainer import latest_checkpoint, resolve_device
+    from effdl.core.trainer import model_folder, resolve_device
     from effdl.fpdt.train import bucket_means, loss_by_position
     from effdl.report import line_plot, print_table
 
-    folder = Path(args.model)
-    if not (folder / "config.json").is_file() and folder.is_dir():
-        folder = latest_checkpoint(folder)  # a run folder: its newest checkpoint
-    model = load_checkpoint(folder, device=resolve_device(args.device), dtype=torch.float32)
+    model = load_checkpoint(model_folder(args.model), device=resolve_device(args.device), dtype=torch.float32)
     curve = loss_by_position(model, args.seq_len, args.windows)
     edges = [0] + [2**k for k in range(4, args.seq_len.bit_length()) if 2**k < args.seq_len] + [args.seq_len]
     means = bucket_means(curve, edges)

@@ -232,6 +232,13 @@ def latest_checkpoint(path: str | Path) -> Path:
     return candidates[-1]
 
 
+def model_folder(path: str | Path) -> Path:
+    """``path`` if it holds a model (``config.json``) or does not exist (the loader then says so), else the
+    newest training checkpoint of the run folder it is."""
+    path = Path(path)
+    return latest_checkpoint(path) if path.is_dir() and not (path / "config.json").is_file() else path
+
+
 def autocast_for(device: torch.device) -> torch.autocast:
     """bf16 autocast on GPUs that support it; fp32 elsewhere (CPU bf16 matmuls are slower on most CPUs)."""
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -12,7 +12,7 @@ import torch
 
 from effdl.core.data import corpus_tokens
 from effdl.core.hf import load_checkpoint
-from effdl.core.trainer import latest_checkpoint
+from effdl.core.trainer import model_folder
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.exflow.affinity import affinity_score, transition_counts
@@ -22,9 +22,7 @@ from effdl.exflow.trace import RoutingTrace, trace_corpus
 
 def load_moe(path: str | Path, device: torch.device | str | None = None) -> Transformer:
     """An MoE checkpoint folder (or a training run folder: its newest checkpoint), in fp32."""
-    folder = Path(path)
-    if folder.is_dir() and not (folder / "config.json").is_file():
-        folder = latest_checkpoint(folder)
+    folder = model_folder(path)
     model = load_checkpoint(folder, device=device, dtype=torch.float32)
     if not model.config.is_moe:
         raise EffdlError(f"{folder} holds a dense model; ExFlow needs a mixture-of-experts checkpoint")

@@ -37,6 +37,7 @@ from effdl.fpdt.store import OffloadStore
 
 BACKENDS = ("auto", "flash", "math")
 
+
 def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
     """[start, end) of each chunk of ``length`` tokens in chunks of ``chunk_size`` (the last may be shorter)."""
     return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]

@@ -23,9 +23,9 @@ backward:
     When chunk j's dq/dk/dv are final, backprop the QKV projection of chunk j.
 
 The LM head + cross-entropy runs per chunk and is recomputed per chunk in
-the backward (``_ChunkedLMLoss``), so the [S, V] logits never exist. With P > 1, the process group's ranks each hold
-their share of the sequence, and parameter gradients are summed over the
-group when the backward pass ends.
+the backward (``_ChunkedLMLoss``), so the [S, V] logits never exist. With
+P > 1, the process group's ranks each hold their share of the sequence, and
+parameter gradients are summed over the group when the backward pass ends.
 """
 
 from __future__ import annotations
