@@ -1,0 +1,273 @@
+"""SPRNet: single pixel reconstruction for one-stage instance segmentation (Yu et al., IEEE T-Cybernetics).
+
+RetinaNet (torchvision: anchors, matcher, focal loss, box coder, transform)
+with two additions: a mask branch that reconstructs each detection's
+32 x 32 mask from the single feature vector at the location of the anchor
+that produced it (``spr_head.py``), and an optional gated FPN. The model
+speaks torchvision's detection protocol: ``model(images, targets)`` returns
+a loss dict in train mode, ``model(images)`` returns per-image dicts with
+``boxes, labels, scores, masks (N, 1, H, W)`` in eval mode, exactly like
+Mask R-CNN.
+
+``build_detector(name, num_classes)`` builds SPRNet and the two baselines it
+is measured against (torchvision Mask R-CNN and RetinaNet) on the same
+backbone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet50
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
+from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
+
+from effdl.errors import EffdlError
+from effdl.sprnet.spr_head import MASK_SIZE, SPRMaskHead, mask_positives, mask_targets, spr_mask_loss
+
+Targets = list[dict[str, Tensor]]
+
+
+class GatedFPN(FeaturePyramidNetwork):
+    """FPN whose top-down sums weigh each input by a sigmoid gate: ``g(lateral) * lateral + g(top_down) * top_down``.
+
+    The gate is one shared separable conv (3x3 depthwise, 1x1 pointwise) with a
+    sigmoid, giving a per-position, per-channel weight in (0, 1). Its bias
+    starts at +2 (gate ~0.88) so training begins close to a plain FPN.
+    """
+
+    def __init__(self, in_channels_list: list[int], out_channels: int, extra_blocks: ExtraFPNBlock | None = None):
+        super().__init__(in_channels_list, out_channels, extra_blocks)
+        self.gate = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1, groups=out_channels),
+                                  nn.Conv2d(out_channels, out_channels, 1), nn.Sigmoid())
+        nn.init.constant_(self.gate[1].bias, 2.0)
+
+    def _gated(self, x: Tensor) -> Tensor:
+        return self.gate(x) * x
+
+    def forward(self, x: dict[str, Tensor]) -> dict[str, Tensor]:
+        names, inputs = list(x), list(x.values())
+        last_inner = self.get_result_from_inner_blocks(inputs[-1], -1)
+        results = [self.get_result_from_layer_blocks(last_inner, -1)]
+        for idx in range(len(inputs) - 2, -1, -1):
+            lateral = self.get_result_from_inner_blocks(inputs[idx], idx)
+            top_down = F.interpolate(last_inner, size=lateral.shape[-2:], mode="nearest")
+            last_inner = self._gated(lateral) + self._gated(top_down)
+            results.insert(0, self.get_result_from_layer_blocks(last_inner, idx))
+        if self.extra_blocks is not None:
+            results, names = self.extra_blocks(results, inputs, names)
+        return OrderedDict(zip(names, results, strict=True))
+
+
+class SPRNet(RetinaNet):
+    """RetinaNet + the SPR mask branch. Every RetinaNet argument is accepted unchanged.
+
+    Args:
+        mask_head: defaults to ``SPRMaskHead(backbone.out_channels, num_classes)``.
+        mask_fg_iou_thresh: a location trains the mask when its best anchor's IoU with a box exceeds this (paper: 0.7).
+        mask_positives_per_image: at most this many mask locations are sampled per image (paper: 300).
+
+    Targets in train mode: torchvision's ``boxes`` (G, 4) xyxy and ``labels`` (G,),
+    plus ``masks`` (G, H, W) uint8 at the image's size.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
+                 mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300, **kwargs: Any):
+        super().__init__(backbone, num_classes, **kwargs)
+        self.mask_head = mask_head or SPRMaskHead(backbone.out_channels, num_classes)
+        self.mask_fg_iou_thresh = mask_fg_iou_thresh
+        self.mask_positives_per_image = mask_positives_per_image
+
+    def forward(self, images: list[Tensor], targets: Targets | None = None) -> dict[str, Tensor] | Targets:
+        if self.training:
+            _check_targets(images, targets)
+        original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
+        images, targets = self.transform(images, targets)
+        features = list(self.backbone(images.tensors).values())  # [(B, C, H_l, W_l)]
+        head_outputs = self.head(features)  # cls_logits (B, L*A, K), bbox_regression (B, L*A, 4)
+        anchors = self.anchor_generator(images, features)  # [(L*A, 4)] per image
+        if self.training:
+            return {**self.compute_loss(targets, head_outputs, anchors),
+                    "loss_mask": self.mask_loss(features, targets, anchors)}
+        level_anchors = [h * w * self.anchor_generator.num_anchors_per_location()[0] for h, w in
+                         (f.shape[-2:] for f in features)]
+        split_outputs = {k: list(v.split(level_anchors, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(level_anchors)) for a in anchors]
+        detections = self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+        self.add_masks(features, detections)
+        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+
+    def mask_loss(self, features: list[Tensor], targets: Targets, anchors: list[Tensor]) -> Tensor:
+        """SPR mask loss over the sampled positive locations of every image in the batch."""
+        num_anchors = self.anchor_generator.num_anchors_per_location()[0]
+        images, locations, labels, soft_masks = [], [], [], []
+        for i, (target, image_anchors) in enumerate(zip(targets, anchors, strict=True)):
+            if len(target["boxes"]) == 0:
+                continue
+            location, gt = mask_positives(box_iou(target["boxes"], image_anchors), num_anchors,
+                                          self.mask_fg_iou_thresh, self.mask_positives_per_image)
+            images.append(torch.full_like(location, i))
+            locations.append(location)
+            labels.append(target["labels"][gt])
+            soft_masks.append(mask_targets(target["masks"], target["boxes"])[gt])
+        if not locations:  # background-only batch: decode one location so the zero loss reaches every weight
+            zero = torch.zeros(1, dtype=torch.long, device=features[0].device)
+            logits = self.mask_head(features, zero, zero)[:0]
+            return spr_mask_loss(logits, zero[:0], logits.new_zeros(0, MASK_SIZE, MASK_SIZE))
+        logits = self.mask_head(features, torch.cat(images), torch.cat(locations))
+        return spr_mask_loss(logits, torch.cat(labels), torch.cat(soft_masks))
+
+    @torch.no_grad()
+    def add_masks(self, features: list[Tensor], detections: Targets) -> None:
+        """Decode the kept detections' masks only (never densely): ``masks`` (N, 1, 32, 32) probabilities.
+
+        ``transform.postprocess`` then pastes them into the boxes at the original image size.
+        """
+        num_anchors = self.anchor_generator.num_anchors_per_location()[0]
+        image = torch.cat([torch.full_like(d["anchor_idx"], i) for i, d in enumerate(detections)])
+        location = torch.cat([d.pop("anchor_idx") for d in detections]) // num_anchors
+        labels = torch.cat([d["labels"] for d in detections])
+        logits = self.mask_head(features, image, location)  # (N, K, 32, 32)
+        masks = logits[torch.arange(len(labels)), labels].sigmoid()[:, None]  # (N, 1, 32, 32)
+        for d, m in zip(detections, masks.split([len(d["labels"]) for d in detections]), strict=True):
+            d["masks"] = m
+
+    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                               image_shapes: list[tuple[int, int]]) -> Targets:
+        """RetinaNet's post-processing (score threshold, top-k per level, decode, class-wise NMS, top-N),
+        also returning each kept detection's anchor index into the image's full anchor list (``anchor_idx``)."""
+        detections = []
+        for index, image_shape in enumerate(image_shapes):
+            boxes, scores, labels, anchor_ids = [], [], [], []
+            offset = 0
+            for logits, regression, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
+                                                         anchors[index], strict=True):
+                logits, regression = logits[index], regression[index]  # (L_l*A, K), (L_l*A, 4)
+                num_classes = logits.shape[-1]
+                level_scores = logits.sigmoid().flatten()
+                candidates = (level_scores > self.score_thresh).nonzero().flatten()
+                level_scores, top = level_scores[candidates].topk(min(len(candidates), self.topk_candidates))
+                candidates = candidates[top]
+                level_anchor_ids = candidates // num_classes
+                level_boxes = self.box_coder.decode_single(regression[level_anchor_ids], level_anchors[level_anchor_ids])
+                boxes.append(clip_boxes_to_image(level_boxes, image_shape))
+                scores.append(level_scores)
+                labels.append(candidates % num_classes)
+                anchor_ids.append(level_anchor_ids + offset)
+                offset += len(level_anchors)
+            boxes, scores, labels, anchor_ids = (torch.cat(t) for t in (boxes, scores, labels, anchor_ids))
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                               "anchor_idx": anchor_ids[keep]})
+        return detections
+
+
+def _check_targets(images: list[Tensor], targets: Targets | None) -> None:
+    """Training targets must be well formed before any compute; the message names the image and box."""
+    if targets is None or len(targets) != len(images):
+        raise ValueError(f"train mode needs one target dict per image ({len(images)} images, "
+                         f"{'no' if targets is None else len(targets)} targets)")
+    for i, (image, target) in enumerate(zip(images, targets, strict=True)):
+        boxes, masks = target.get("boxes"), target.get("masks")
+        if boxes is None or boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: 'boxes' must be a (G, 4) tensor, got "
+                             f"{None if boxes is None else tuple(boxes.shape)}")
+        if masks is None or masks.shape != (len(boxes), *image.shape[-2:]):
+            raise ValueError(f"target {i}: 'masks' must be ({len(boxes)}, {image.shape[-2]}, {image.shape[-1]}) "
+                             f"to match its boxes and image, got {None if masks is None else tuple(masks.shape)}")
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(1)
+        if degenerate.any():
+            raise ValueError("All bounding boxes should have positive height and width. Found invalid box "
+                             f"{boxes[degenerate.nonzero()[0, 0]].tolist()} for target at index {i}.")
+
+
+# --------------------------------------------------------------------------- builders
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
+
+
+def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_layers: int = 5,
+               returned_layers: list[int] | None = None, extra_blocks: ExtraFPNBlock | None = None,
+               gated: bool = False) -> BackboneWithFPN:
+    """A ResNet-FPN backbone. ``weights_backbone``: a local torchvision ResNet state-dict file (no downloads).
+
+    Pretrained backbones get frozen batch norm (torchvision's convention); from scratch, batch norm trains.
+    """
+    if name not in BACKBONES:
+        raise EffdlError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    norm_layer = nn.BatchNorm2d
+    if weights_backbone is not None:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+
+        norm_layer = FrozenBatchNorm2d
+    body = BACKBONES[name](norm_layer=norm_layer)
+    if weights_backbone is not None:
+        path = Path(weights_backbone)
+        if not path.is_file():
+            raise EffdlError(f"backbone weights file not found: {path}")
+        body.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    backbone = _resnet_fpn_extractor(body, trainable_layers, returned_layers, extra_blocks)
+    if gated:
+        in_channels = [m[0].in_channels for m in backbone.fpn.inner_blocks]
+        backbone.fpn = GatedFPN(in_channels, backbone.out_channels, backbone.fpn.extra_blocks)
+    return backbone
+
+
+def _retinanet_backbone(name: str, weights_backbone: str | Path | None, gated: bool) -> BackboneWithFPN:
+    # P3-P7 as in RetinaNet, P6 from P5.
+    return resnet_fpn(name, weights_backbone, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256),
+                      gated=gated)
+
+
+def sprnet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None, gated_fpn: bool = True,
+           **kwargs: Any) -> SPRNet:
+    """SPRNet on a ResNet-(gated)FPN, P3-P7. ``kwargs`` go to ``SPRNet``/``RetinaNet`` (min_size, score_thresh ...)."""
+    kwargs.setdefault("detections_per_img", 100)
+    return SPRNet(_retinanet_backbone(backbone_name, weights_backbone, gated_fpn), num_classes, **kwargs)
+
+
+def sprnet_resnet50_fpn(num_classes: int, weights_backbone: str | Path | None = None, **kwargs: Any) -> SPRNet:
+    """SPRNet, ResNet-50 gated FPN (the paper's model)."""
+    return sprnet("resnet50", num_classes, weights_backbone, **kwargs)
+
+
+def sprnet_resnet18_fpn(num_classes: int, weights_backbone: str | Path | None = None, **kwargs: Any) -> SPRNet:
+    """SPRNet, ResNet-18 gated FPN: a light backbone for CPU runs."""
+    return sprnet("resnet18", num_classes, weights_backbone, **kwargs)
+
+
+def retinanet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
+              **kwargs: Any) -> RetinaNet:
+    """The torchvision RetinaNet baseline on the same backbone (plain FPN, P3-P7)."""
+    kwargs.setdefault("detections_per_img", 100)
+    return RetinaNet(_retinanet_backbone(backbone_name, weights_backbone, gated=False), num_classes, **kwargs)
+
+
+def maskrcnn(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
+             **kwargs: Any) -> MaskRCNN:
+    """The torchvision Mask R-CNN baseline on the same backbone (``maskrcnn_resnet50_fpn``'s FPN, P2-P6)."""
+    return MaskRCNN(resnet_fpn(backbone_name, weights_backbone), num_classes, **kwargs)
+
+
+DETECTORS: dict[str, Callable[..., nn.Module]] = {
+    "sprnet_resnet18_fpn": sprnet_resnet18_fpn,
+    "sprnet_resnet50_fpn": sprnet_resnet50_fpn,
+    **{f"{family}_{backbone}_fpn": partial(build, backbone) for family, build in
+       (("retinanet", retinanet), ("maskrcnn", maskrcnn)) for backbone in BACKBONES},
+}
+
+
+def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+    """One of ``DETECTORS`` by name, e.g. ``build_detector("maskrcnn_resnet18_fpn", 6, min_size=256)``."""
+    if name not in DETECTORS:
+        raise EffdlError(f"unknown model {name!r}; choose one of {', '.join(DETECTORS)}")
+    return DETECTORS[name](num_classes=num_classes, **kwargs)

@@ -1,0 +1,159 @@
+"""The single-pixel-reconstruction (SPR) mask branch and its loss.
+
+SPRNet predicts an instance mask from the feature vector of ONE location of
+one FPN level: the location whose anchor produced the detection. Because the
+mask needs only that location, nothing here runs densely: the multi-dilation
+fusion convolutions are evaluated at the selected locations by gathering
+their taps (``conv_at``), and the transposed-conv decoder runs on N vectors.
+
+Legend: B images, L locations over all FPN levels (sum of H_l * W_l), A
+anchors per location, G ground-truth boxes, N selected locations, C FPN
+channels, K classes (label 0 = background, as in torchvision), M = 32 the
+mask side.
+
+Choices where the paper is silent (see ``shared/papers/sprnet.md``):
+- each fusion branch ends in a ReLU before the concatenation;
+- decoder widths: 640 -> 256 -> 256 -> 256 (1 -> 8 px, linear), 256 -> 128 ->
+  128 (8 -> 32 px, ReLU), a 1x1 conv to K logits; the shortcut is a 1x1 conv
+  of the 8x8 map to K logits, upsampled bilinearly and added;
+- mask positives: a location is positive when its best anchor has IoU above
+  ``fg_iou_thresh`` with a ground-truth box; in addition every ground-truth
+  box claims its single best location (like torchvision's low-quality
+  matches), so small objects that no anchor covers at 0.7 still train masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+MASK_SIZE = 32
+
+
+def location_coords(location: Tensor, level_sizes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(level, y, x) of flat location indices, where locations are numbered level by level, row-major within one.
+
+    This is torchvision's anchor order divided by A (anchors are laid out
+    ``(level, y, x, a)``), so ``anchor_idx // A`` is a location index. Cost O(N * levels).
+    """
+    counts = torch.tensor([h * w for h, w in level_sizes], device=location.device)
+    starts = torch.cumsum(counts, 0) - counts
+    level = torch.searchsorted(torch.cumsum(counts, 0), location, right=True)  # (N,)
+    within = location - starts[level]
+    widths = torch.tensor([w for _, w in level_sizes], device=location.device)[level]
+    return level, within // widths, within % widths
+
+
+def conv_at(feature: Tensor, image: Tensor, y: Tensor, x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(feature)[image, :, y, x]`` at N points, without the dense convolution.
+
+    Gathers each point's k x k taps (with the conv's dilation and zero padding)
+    and contracts them with the weights: O(N * C_in * C_out * k^2) instead of
+    O(B * H * W * C_in * C_out * k^2). ``conv`` must be a 'same'-padded, stride-1 conv.
+    """
+    k, d = conv.kernel_size[0], conv.dilation[0]
+    r = d * (k // 2)
+    padded = F.pad(feature, (r, r, r, r))  # (B, C, H + 2r, W + 2r)
+    taps = torch.arange(k, device=feature.device) * d
+    ys, xs = y[:, None] + taps, x[:, None] + taps  # (N, k) rows / columns in the padded map
+    patch = padded[image[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (N, k, k, C)
+    out = torch.einsum("nijc,ocij->no", patch, conv.weight)  # (N, C_out)
+    return out if conv.bias is None else out + conv.bias
+
+
+class SPRMaskHead(nn.Module):
+    """Location feature -> K-class M x M mask logits (weights shared across FPN levels).
+
+    ``forward(features, image, location)`` decodes the masks of N locations;
+    ``features`` are the FPN maps (B, C, H_l, W_l), ``image`` and ``location``
+    are (N,) indices. Returns (N, K, M, M) logits.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (2, 4, 6)):
+        super().__init__()
+        self.point = nn.Conv2d(in_channels, 256, 1)
+        self.dilated = nn.ModuleList(nn.Conv2d(in_channels, 128, 3, padding=d, dilation=d) for d in dilations)
+        fused = 256 + 128 * len(dilations)
+        # 1 -> 2 -> 4 -> 8 px; no activation: a learned linear "unprojection" of the vector
+        self.reconstruct = nn.Sequential(
+            nn.ConvTranspose2d(fused, 256, 2, stride=2),
+            nn.ConvTranspose2d(256, 256, 2, stride=2),
+            nn.ConvTranspose2d(256, 256, 2, stride=2),
+        )
+        # 8 -> 16 -> 32 px
+        self.refine = nn.Sequential(
+            nn.ConvTranspose2d(256, 128, 2, stride=2), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(128, 128, 2, stride=2), nn.ReLU(inplace=True),
+        )
+        self.logits = nn.Conv2d(128, num_classes, 1)
+        self.shortcut = nn.Conv2d(256, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def fuse(self, features: Sequence[Tensor], image: Tensor, location: Tensor) -> Tensor:
+        """The multi-dilation fusion vector of each location: (N, 256 + 128 * len(dilations))."""
+        level, y, x = location_coords(location, [f.shape[-2:] for f in features])
+        fused = features[0].new_empty(len(location), self.reconstruct[0].in_channels)
+        for lvl, feature in enumerate(features):
+            at = (level == lvl).nonzero().flatten()
+            if len(at):
+                args = feature, image[at], y[at], x[at]
+                fused[at] = torch.cat([F.relu(conv_at(*args, conv)) for conv in (self.point, *self.dilated)], 1)
+        return fused
+
+    def forward(self, features: Sequence[Tensor], image: Tensor, location: Tensor) -> Tensor:
+        vector = self.fuse(features, image, location)[:, :, None, None]  # (N, 640, 1, 1)
+        coarse = self.reconstruct(vector)  # (N, 256, 8, 8)
+        fine = self.logits(self.refine(coarse))  # (N, K, 32, 32)
+        return fine + F.interpolate(self.shortcut(coarse), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7,
+                   max_positives: int = 300, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Mask-training locations of one image and the ground-truth box each reconstructs.
+
+    ``iou`` is (G, L * A) between ground-truth boxes and anchors. A location
+    is positive when its best anchor's IoU with some box exceeds
+    ``fg_iou_thresh``; every box also claims its best location. At most
+    ``max_positives`` are kept, sampled uniformly. Returns (location, gt) index
+    tensors of equal length. Cost O(G * L * A).
+    """
+    best_per_location, _ = iou.unflatten(1, (-1, num_anchors)).max(2)  # (G, L)
+    best_iou, gt = best_per_location.max(0)  # (L,)
+    positive = best_iou > fg_iou_thresh
+    claimed = best_per_location.argmax(1)  # (G,) each box's best location
+    gt[claimed] = torch.arange(len(claimed), device=iou.device)
+    positive[claimed] = True
+    location = positive.nonzero().flatten()
+    if len(location) > max_positives:
+        location = location[torch.randperm(len(location), generator=generator, device=iou.device)[:max_positives]]
+    return location, gt[location]
+
+
+def mask_targets(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE) -> Tensor:
+    """Each instance's mask cropped to its own box and resized to size x size, as soft targets in [0, 1].
+
+    ``masks`` (G, H, W) binary, ``boxes`` (G, 4) xyxy in the mask's pixels. Uses
+    RoIAlign on the box (the same projection Mask R-CNN uses). Cost O(G * size^2).
+    """
+    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
+    return roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0]  # (G, size, size)
+
+
+def spr_mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy on each positive's ground-truth class channel only, averaged over pixels.
+
+    ``logits`` (N, K, M, M), ``labels`` (N,), ``targets`` (N, M, M). With no
+    positives the loss is a zero that still depends on ``logits`` (so every
+    rank's graph has the same parameters in distributed training).
+    """
+    if len(labels) == 0:
+        return logits.sum() * 0.0
+    picked = logits[torch.arange(len(labels), device=labels.device), labels]  # (N, M, M)
+    return F.binary_cross_entropy_with_logits(picked, targets)
