@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
@@ -68,6 +69,51 @@ class GatedFPN(FeaturePyramidNetwork):
         return OrderedDict(zip(names, results, strict=True))
 
 
+def select_detections(model: RetinaNet, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                      image_shapes: list[tuple[int, int]]) -> Targets:
+    """RetinaNet's post-processing (score threshold, top-k per level, decode, class-wise NMS, top-N) that also
+    returns each kept detection's index into the image's full anchor list (``anchor_idx``), which torchvision drops.
+
+    Column 0 is background (labels run 1..K-1, as in Mask R-CNN), so it is never a detection; torchvision's
+    RetinaNet scores it like any class. ``head_outputs`` and ``anchors`` are split per level.
+    """
+    detections = []
+    for index, image_shape in enumerate(image_shapes):
+        boxes, scores, labels, anchor_ids = [], [], [], []
+        offset = 0
+        for logits, regression, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
+                                                     anchors[index], strict=True):
+            logits, regression = logits[index, :, 1:], regression[index]  # (L_l*A, K-1), (L_l*A, 4)
+            num_classes = logits.shape[-1]
+            level_scores = logits.sigmoid().flatten()
+            candidates = (level_scores > model.score_thresh).nonzero().flatten()
+            level_scores, top = level_scores[candidates].topk(min(len(candidates), model.topk_candidates))
+            candidates = candidates[top]
+            level_ids = candidates // num_classes
+            level_boxes = model.box_coder.decode_single(regression[level_ids], level_anchors[level_ids])
+            boxes.append(clip_boxes_to_image(level_boxes, image_shape))
+            scores.append(level_scores)
+            labels.append(candidates % num_classes + 1)
+            anchor_ids.append(level_ids + offset)
+            offset += len(level_anchors)
+        boxes, scores, labels, anchor_ids = (torch.cat(t) for t in (boxes, scores, labels, anchor_ids))
+        keep = batched_nms(boxes, scores, labels, model.nms_thresh)[: model.detections_per_img]
+        detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                           "anchor_idx": anchor_ids[keep]})
+    return detections
+
+
+class ForegroundRetinaNet(RetinaNet):
+    """torchvision's RetinaNet whose detections never carry the background label 0 (see ``select_detections``)."""
+
+    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                               image_shapes: list[tuple[int, int]]) -> Targets:
+        detections = select_detections(self, head_outputs, anchors, image_shapes)
+        for d in detections:
+            del d["anchor_idx"]
+        return detections
+
+
 class SPRNet(RetinaNet):
     """RetinaNet + the SPR mask branch. Every RetinaNet argument is accepted unchanged.
 
@@ -102,7 +148,7 @@ class SPRNet(RetinaNet):
                          (f.shape[-2:] for f in features)]
         split_outputs = {k: list(v.split(level_anchors, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(level_anchors)) for a in anchors]
-        detections = self.postprocess_detections(split_outputs, split_anchors, images.image_sizes)
+        detections = select_detections(self, split_outputs, split_anchors, images.image_sizes)
         self.add_masks(features, detections)
         return self.transform.postprocess(detections, images.image_sizes, original_sizes)
 
@@ -141,35 +187,6 @@ class SPRNet(RetinaNet):
         for d, m in zip(detections, masks.split([len(d["labels"]) for d in detections]), strict=True):
             d["masks"] = m
 
-    def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
-                               image_shapes: list[tuple[int, int]]) -> Targets:
-        """RetinaNet's post-processing (score threshold, top-k per level, decode, class-wise NMS, top-N),
-        also returning each kept detection's anchor index into the image's full anchor list (``anchor_idx``)."""
-        detections = []
-        for index, image_shape in enumerate(image_shapes):
-            boxes, scores, labels, anchor_ids = [], [], [], []
-            offset = 0
-            for logits, regression, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
-                                                         anchors[index], strict=True):
-                logits, regression = logits[index], regression[index]  # (L_l*A, K), (L_l*A, 4)
-                num_classes = logits.shape[-1]
-                level_scores = logits.sigmoid().flatten()
-                candidates = (level_scores > self.score_thresh).nonzero().flatten()
-                level_scores, top = level_scores[candidates].topk(min(len(candidates), self.topk_candidates))
-                candidates = candidates[top]
-                level_anchor_ids = candidates // num_classes
-                level_boxes = self.box_coder.decode_single(regression[level_anchor_ids], level_anchors[level_anchor_ids])
-                boxes.append(clip_boxes_to_image(level_boxes, image_shape))
-                scores.append(level_scores)
-                labels.append(candidates % num_classes)
-                anchor_ids.append(level_anchor_ids + offset)
-                offset += len(level_anchors)
-            boxes, scores, labels, anchor_ids = (torch.cat(t) for t in (boxes, scores, labels, anchor_ids))
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
-                               "anchor_idx": anchor_ids[keep]})
-        return detections
-
 
 def _check_targets(images: list[Tensor], targets: Targets | None) -> None:
     """Training targets must be well formed before any compute; the message names the image and box."""
@@ -181,6 +198,10 @@ def _check_targets(images: list[Tensor], targets: Targets | None) -> None:
         if boxes is None or boxes.ndim != 2 or boxes.shape[-1] != 4:
             raise ValueError(f"target {i}: 'boxes' must be a (G, 4) tensor, got "
                              f"{None if boxes is None else tuple(boxes.shape)}")
+        labels = target.get("labels")
+        if labels is None or labels.shape != (len(boxes),) or labels.dtype != torch.int64:
+            raise ValueError(f"target {i}: 'labels' must be an int64 tensor of shape ({len(boxes)},), got "
+                             f"{None if labels is None else f'{labels.dtype} {tuple(labels.shape)}'}")
         if masks is None or masks.shape != (len(boxes), *image.shape[-2:]):
             raise ValueError(f"target {i}: 'masks' must be ({len(boxes)}, {image.shape[-2]}, {image.shape[-1]}) "
                              f"to match its boxes and image, got {None if masks is None else tuple(masks.shape)}")
@@ -222,6 +243,12 @@ def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_
     return backbone
 
 
+def retinanet_anchors(smallest: int = 32) -> AnchorGenerator:
+    """RetinaNet's anchors on P3-P7: sizes ``smallest * 2**level`` at 3 scales per octave and 3 aspect ratios."""
+    sizes = tuple(tuple(int(s * 2 ** (i / 3)) for i in range(3)) for s in (smallest * 2 ** lvl for lvl in range(5)))
+    return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
 def _retinanet_backbone(name: str, weights_backbone: str | Path | None, gated: bool) -> BackboneWithFPN:
     # P3-P7 as in RetinaNet, P6 from P5.
     return resnet_fpn(name, weights_backbone, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256),
@@ -229,10 +256,14 @@ def _retinanet_backbone(name: str, weights_backbone: str | Path | None, gated: b
 
 
 def sprnet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None, gated_fpn: bool = True,
-           **kwargs: Any) -> SPRNet:
-    """SPRNet on a ResNet-(gated)FPN, P3-P7. ``kwargs`` go to ``SPRNet``/``RetinaNet`` (min_size, score_thresh ...)."""
+           smallest_anchor: int = 32, **kwargs: Any) -> SPRNet:
+    """SPRNet on a ResNet-(gated)FPN, P3-P7. ``kwargs`` go to ``SPRNet``/``RetinaNet`` (min_size, score_thresh ...).
+
+    ``smallest_anchor``: the P3 anchor size in pixels of the resized image (torchvision: 32); lower it for small images.
+    """
     kwargs.setdefault("detections_per_img", 100)
-    return SPRNet(_retinanet_backbone(backbone_name, weights_backbone, gated_fpn), num_classes, **kwargs)
+    return SPRNet(_retinanet_backbone(backbone_name, weights_backbone, gated_fpn), num_classes,
+                  anchor_generator=retinanet_anchors(smallest_anchor), **kwargs)
 
 
 def sprnet_resnet50_fpn(num_classes: int, weights_backbone: str | Path | None = None, **kwargs: Any) -> SPRNet:
@@ -246,16 +277,22 @@ def sprnet_resnet18_fpn(num_classes: int, weights_backbone: str | Path | None = 
 
 
 def retinanet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
-              **kwargs: Any) -> RetinaNet:
-    """The torchvision RetinaNet baseline on the same backbone (plain FPN, P3-P7)."""
+              smallest_anchor: int = 32, **kwargs: Any) -> RetinaNet:
+    """The torchvision RetinaNet baseline on SPRNet's backbone and anchors (plain FPN, P3-P7)."""
     kwargs.setdefault("detections_per_img", 100)
-    return RetinaNet(_retinanet_backbone(backbone_name, weights_backbone, gated=False), num_classes, **kwargs)
+    return ForegroundRetinaNet(_retinanet_backbone(backbone_name, weights_backbone, gated=False), num_classes,
+                     anchor_generator=retinanet_anchors(smallest_anchor), **kwargs)
 
 
 def maskrcnn(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
-             **kwargs: Any) -> MaskRCNN:
-    """The torchvision Mask R-CNN baseline on the same backbone (``maskrcnn_resnet50_fpn``'s FPN, P2-P6)."""
-    return MaskRCNN(resnet_fpn(backbone_name, weights_backbone), num_classes, **kwargs)
+             smallest_anchor: int = 32, **kwargs: Any) -> MaskRCNN:
+    """The torchvision Mask R-CNN baseline on the same backbone (``maskrcnn_resnet50_fpn``'s FPN, P2-P6).
+
+    Its RPN anchors are one size per level from ``smallest_anchor`` up, as torchvision's (32 ... 512).
+    """
+    sizes = tuple((smallest_anchor * 2 ** lvl,) for lvl in range(5))
+    anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return MaskRCNN(resnet_fpn(backbone_name, weights_backbone), num_classes, rpn_anchor_generator=anchors, **kwargs)
 
 
 DETECTORS: dict[str, Callable[..., nn.Module]] = {

@@ -1,0 +1,36 @@
+"""SPRNet: one-stage instance segmentation by single pixel reconstruction, on torchvision's RetinaNet.
+
+``model.py`` (SPRNet, gated FPN, the baselines by name), ``spr_head.py`` (the
+mask branch and its loss), ``data.py`` (COCO-format datasets, synthetic
+shapes), ``evaluate.py`` (COCO AP, overlays), ``train.py`` (train / eval / predict).
+"""
+
+from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
+from effdl.sprnet.evaluate import coco_results, draw_overlay, evaluate_coco, evaluate_model
+from effdl.sprnet.model import (
+    DETECTORS,
+    GatedFPN,
+    SPRNet,
+    build_detector,
+    sprnet_resnet18_fpn,
+    sprnet_resnet50_fpn,
+)
+from effdl.sprnet.spr_head import SPRMaskHead
+
+__all__ = [
+    "DETECTORS",
+    "CocoInstances",
+    "GatedFPN",
+    "SPRMaskHead",
+    "SPRNet",
+    "build_detector",
+    "coco_results",
+    "collate",
+    "draw_overlay",
+    "evaluate_coco",
+    "evaluate_model",
+    "load_image",
+    "sprnet_resnet18_fpn",
+    "sprnet_resnet50_fpn",
+    "write_shapes_dataset",
+]

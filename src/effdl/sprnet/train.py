@@ -1,0 +1,246 @@
+"""Training, evaluation and prediction for SPRNet and its two baselines (torchvision Mask R-CNN and RetinaNet).
+
+``train_detector(cfg)`` trains any model of ``effdl.sprnet.model.DETECTORS``
+on synthetic shapes or a COCO-format folder with one recipe (AdamW, warmup +
+cosine, gradient clipping, horizontal flips), evaluates COCO box and mask AP
+after every epoch, and writes one checkpoint per epoch that ``--resume``
+continues exactly. A checkpoint holds the config and category names, so
+``load_detector(path)`` rebuilds the model with nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from effdl.core.data import cache_dir
+from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
+from effdl.errors import EffdlError
+from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
+from effdl.sprnet.evaluate import draw_overlay, evaluate_model, save_overlay
+from effdl.sprnet.model import BACKBONES, DETECTORS, build_detector
+
+
+@dataclass
+class DetectionTrainConfig:
+    model: str = "sprnet_resnet18_fpn"  # a DETECTORS name, or "maskrcnn" / "retinanet" on `backbone`
+    backbone: str = "resnet18"  # only read for the bare baseline names
+    data: str = "shapes"  # "shapes" (generated once into the cache) or a COCO folder
+    train_split: str = "train"
+    val_split: str = "val"
+    shapes_train_images: int = 1000
+    shapes_val_images: int = 200
+    shapes_image_size: int = 128
+    # The model's transform resizes the shorter side to min_size (longer side at
+    # most max_size). Defaults suit 128-px shapes; COCO: 800 / 1333 / 32.
+    min_size: int = 128
+    max_size: int = 128
+    smallest_anchor: int = 16  # pixels of the resized image; torchvision's 32 misses shapes below ~20 px
+    epochs: float = 12.0
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 10.0  # the paper clips gradients; 10 only stops rare spikes
+    hflip_prob: float = 0.5
+    weights_backbone: str | None = None  # a local torchvision ResNet state dict
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    eval_images: int = 0  # 0 = the whole validation split
+    out_dir: str = "runs/sprnet"
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.model in ("maskrcnn", "retinanet"):
+            if self.backbone not in BACKBONES:
+                raise EffdlError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+            self.model = f"{self.model}_{self.backbone}_fpn"
+        if self.model not in DETECTORS:
+            raise EffdlError(f"unknown model {self.model!r}; choose maskrcnn, retinanet or one of "
+                             f"{', '.join(DETECTORS)}")
+        for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "smallest_anchor"):
+            if getattr(self, name) <= 0:
+                raise EffdlError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class DetectionTrainResult:
+    step: int
+    checkpoint: Path | None = None
+    images_per_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return self.history[-1]["metrics"] if self.history else {}
+
+
+def load_dataset(cfg: DetectionTrainConfig, split: str, train: bool = False) -> CocoInstances:
+    """One split of ``cfg.data``; synthetic shapes are generated on first use into the effdl cache."""
+    root = Path(cfg.data)
+    if cfg.data == "shapes":
+        root = cache_dir() / (f"sprnet-shapes-{cfg.shapes_image_size}px-{cfg.shapes_train_images}-"
+                              f"{cfg.shapes_val_images}-seed{cfg.seed}")
+        if not (root / "annotations" / f"instances_{split}.json").is_file():
+            n = cfg.shapes_train_images if split == cfg.train_split else cfg.shapes_val_images
+            write_shapes_dataset(root, split, n, cfg.shapes_image_size, seed=cfg.seed)
+    elif not root.is_dir():
+        raise EffdlError(f"--data {cfg.data!r} is neither 'shapes' nor a folder")
+    return CocoInstances(root, split, train=train, hflip_prob=cfg.hflip_prob)
+
+
+def _check_categories(dataset: CocoInstances, names: list[str], what: str) -> None:
+    if dataset.category_names != names:
+        raise EffdlError(f"{dataset.ann_file} has categories {dataset.category_names}, {what} {names}")
+
+
+def create_detector(cfg: DetectionTrainConfig, num_classes: int) -> nn.Module:
+    return build_detector(cfg.model, num_classes, weights_backbone=cfg.weights_backbone, min_size=cfg.min_size,
+                          max_size=cfg.max_size, smallest_anchor=cfg.smallest_anchor)
+
+
+def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
+                   progress: bool = True) -> DetectionTrainResult:
+    """Train ``cfg.model``; evaluate COCO AP on the validation split every ``eval_every`` epochs and at the end."""
+    from effdl.progress import TrainProgress
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    train_data, val_data = load_dataset(cfg, cfg.train_split, train=True), load_dataset(cfg, cfg.val_split)
+    _check_categories(val_data, train_data.category_names, "the training split has")
+    model = create_detector(cfg, train_data.num_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_data) // cfg.batch_size)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+
+    result, step = DetectionTrainResult(step=0), 0
+    if resume is not None:
+        state = read_checkpoint(resume, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, result.history = state["step"], state["history"]
+
+    started, start_step, order = time.perf_counter(), step, None
+    with TrainProgress(total_steps, step, description=cfg.model, enabled=progress, unit="img/s",
+                       val_label="mask AP" if "retinanet" not in cfg.model else "box AP") as bar:
+        model.train()
+        while step < total_steps:
+            # Batch order and flips are functions of (seed, step), so a resumed run continues exactly.
+            epoch, within = divmod(step, steps_per_epoch)
+            if within == 0 or order is None:
+                order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            torch.manual_seed(cfg.seed * 1_000_003 + step)
+            images, targets = collate([train_data[int(i)] for i in
+                                       order[within * cfg.batch_size:(within + 1) * cfg.batch_size]])
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            lr = warmup_cosine_lr(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
+            loss = train_step(model, optimizer, partial(_total_loss, model, images, targets), lr, cfg.grad_clip,
+                              device)
+            if not torch.isfinite(loss):
+                raise EffdlError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
+            step += 1
+            result.images_per_s = (step - start_step) * cfg.batch_size / (time.perf_counter() - started)
+            epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg.eval_every == 0
+            if epoch_done or step == total_steps:
+                metrics = evaluate(model, val_data, cfg, device)
+                result.history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                                       "metrics": metrics})
+                result.checkpoint = save_checkpoint(model, optimizer, cfg, train_data.category_names, result, step)
+                model.train()
+            bar.update(step, loss.item(), result.images_per_s, _headline(result.metrics))
+    result.step = step
+    return result
+
+
+def _total_loss(model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    return sum(model(images, targets).values())
+
+
+def evaluate(model: nn.Module, dataset: CocoInstances, cfg: DetectionTrainConfig,
+             device: torch.device) -> dict[str, dict[str, float]]:
+    if cfg.eval_images:
+        dataset = _subset(dataset, cfg.eval_images)
+    with autocast_for(device):
+        return evaluate_model(model, dataset, batch_size=cfg.batch_size, device=device, progress=False)
+
+
+def _subset(dataset: CocoInstances, n: int) -> CocoInstances:
+    """The first ``n`` images of ``dataset`` (a shallow copy; evaluation only scores ``image_ids``)."""
+    subset = type(dataset).__new__(type(dataset))
+    subset.__dict__.update(dataset.__dict__, image_ids=dataset.image_ids[:n])
+    return subset
+
+
+def _headline(metrics: dict[str, dict[str, float]]) -> float | None:
+    """The AP a progress bar shows: mask AP for mask models, box AP otherwise."""
+    chosen = metrics.get("segm") or metrics.get("bbox")
+    return None if chosen is None else 100 * chosen["AP"]
+
+
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DetectionTrainConfig,
+                    category_names: list[str], result: DetectionTrainResult, step: int) -> Path:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{cfg.model}-step{step:06d}.pth"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                "config": dataclasses.asdict(cfg), "category_names": category_names, "history": result.history},
+               path)
+    (out_dir / f"{cfg.model}-history.json").write_text(json.dumps(result.history, indent=1))
+    return path
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():  # a run folder: its newest checkpoint
+        found = sorted(path.glob("*-step*.pth"))
+        if not found:
+            raise EffdlError(f"{path} holds no checkpoint (*-step*.pth)")
+        path = found[-1]
+    if not path.is_file():
+        raise EffdlError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or not {"model", "config", "category_names", "step"} <= state.keys():
+        raise EffdlError(f"{path} is not a checkpoint written by `effdl sprnet train`")
+    return state
+
+
+def load_detector(path: str | Path, device: str = "auto", **overrides: Any) -> tuple[nn.Module,
+                                                                                     DetectionTrainConfig, list[str]]:
+    """(model in eval mode, its training config with ``overrides``, category names) from a checkpoint or run folder."""
+    state = read_checkpoint(path, resolve_device(device))
+    cfg = DetectionTrainConfig(**{**state["config"], **overrides})
+    model = create_detector(cfg, len(state["category_names"]) + 1)
+    model.load_state_dict(state["model"])
+    return model.to(resolve_device(device)).eval(), cfg, state["category_names"]
+
+
+def evaluate_checkpoint(path: str | Path, data: str | None = None, split: str | None = None,
+                        device: str = "auto") -> dict[str, dict[str, float]]:
+    """COCO AP of a checkpoint on ``split`` of ``data`` (default: the data and validation split it was trained with)."""
+    overrides = {k: v for k, v in (("data", data), ("val_split", split)) if v is not None}
+    model, cfg, names = load_detector(path, device, **overrides)
+    val = load_dataset(cfg, cfg.val_split)
+    _check_categories(val, names, "the checkpoint was trained on")
+    return evaluate(model, val, dataclasses.replace(cfg, eval_images=0), next(model.parameters()).device)
+
+
+@torch.inference_mode()
+def predict_image(path: str | Path, image: str | Path, out: str | Path, score_threshold: float = 0.5,
+                  device: str = "auto") -> dict[str, torch.Tensor]:
+    """Detect instances in one image file and write an overlay PNG of masks, boxes and labels to ``out``."""
+    model, _, names = load_detector(path, device)
+    pixels = load_image(image)
+    prediction = {k: v.cpu() for k, v in model([pixels.to(next(model.parameters()).device)])[0].items()}
+    save_overlay(out, draw_overlay(pixels, prediction, names, score_threshold=score_threshold))
+    return prediction

@@ -1,0 +1,196 @@
+"""SPRNet model: sparse fusion vs dense convs, anchor bookkeeping, torchvision output format, overfitting one batch."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import FeaturePyramidNetwork, box_iou
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from effdl.errors import EffdlError
+from effdl.sprnet import build_detector
+from effdl.sprnet.model import GatedFPN
+from effdl.sprnet.spr_head import conv_at, location_coords, mask_positives
+
+
+def _target(boxes: list[list[float]], labels: list[int], size: tuple[int, int]) -> dict[str, torch.Tensor]:
+    masks = torch.zeros(len(boxes), *size, dtype=torch.uint8)
+    for m, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
+        m[int(y0):int(y1), int(x0):int(x1)] = 1
+    return {"boxes": torch.tensor(boxes, dtype=torch.float).reshape(-1, 4), "labels": torch.tensor(labels).long(),
+            "masks": masks}
+
+
+@pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (3, 2), (3, 4), (3, 6)])
+def test_conv_at_equals_dense_convolution_and_its_gradients(kernel, dilation):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 5, kernel, padding=dilation * (kernel // 2), dilation=dilation).double()
+    feature = torch.randn(2, 8, 9, 11, dtype=torch.double, requires_grad=True)
+    image = torch.tensor([0, 1, 1, 0, 1, 0])
+    y = torch.tensor([0, 8, 4, 8, 0, 3])  # corners and edges exercise the zero padding
+    x = torch.tensor([0, 10, 5, 0, 10, 7])
+    sparse = conv_at(feature, image, y, x, conv)
+    dense = conv(feature)[image, :, y, x]
+    torch.testing.assert_close(sparse, dense)
+    weights = torch.randn_like(dense)
+    grads_sparse = torch.autograd.grad((sparse * weights).sum(), (feature, conv.weight, conv.bias))
+    grads_dense = torch.autograd.grad((dense * weights).sum(), (feature, conv.weight, conv.bias))
+    for gs, gd in zip(grads_sparse, grads_dense, strict=True):
+        torch.testing.assert_close(gs, gd)
+
+
+def test_location_coords_name_the_anchor_position_the_anchor_generator_used():
+    model = build_detector("sprnet_resnet18_fpn", 3, smallest_anchor=16)
+    sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
+    features = [torch.zeros(1, 256, h, w) for h, w in sizes]
+    anchors = model.anchor_generator(ImageList(torch.zeros(1, 3, 96, 128), [(96, 128)]), features)[0]
+    num_anchors = model.anchor_generator.num_anchors_per_location()[0]
+    anchor_idx = torch.arange(len(anchors))
+    level, y, x = location_coords(anchor_idx // num_anchors, sizes)
+    stride_y = torch.tensor([96 // h for h, _ in sizes])[level]
+    stride_x = torch.tensor([128 // w for _, w in sizes])[level]
+    centers = (anchors[:, :2] + anchors[:, 2:]) / 2
+    torch.testing.assert_close(centers, torch.stack([x * stride_x, y * stride_y], 1).float(), atol=0.5, rtol=0)
+    smallest = torch.tensor([model.anchor_generator.sizes[lvl][0] for lvl in level.tolist()])
+    assert ((anchors[:, 2] - anchors[:, 0]) >= smallest * 0.7 - 1).all()  # each anchor sits on its own level
+
+
+def test_mask_positives_match_a_brute_force_loop():
+    generator = torch.Generator().manual_seed(0)
+    iou = torch.rand(3, 40 * 9, generator=generator) ** 3  # (G, L * A), few above 0.7
+    location, gt = mask_positives(iou, num_anchors=9, fg_iou_thresh=0.7, max_positives=1000)
+    expected = {}
+    for loc in range(40):
+        best = max((iou[g, loc * 9 + a].item(), g) for g in range(3) for a in range(9))
+        if best[0] > 0.7:
+            expected[loc] = best[1]
+    for g in range(3):  # every box also claims its best location
+        expected[max(range(40), key=lambda loc, g=g: iou[g, loc * 9:(loc + 1) * 9].max().item())] = g
+    assert dict(zip(location.tolist(), gt.tolist(), strict=True)) == expected
+    few, _ = mask_positives(iou, 9, 0.2, max_positives=5, generator=generator)
+    assert len(few) == 5 and len(set(few.tolist())) == 5
+
+
+def test_gated_fpn_with_open_gates_equals_torchvision_fpn():
+    torch.manual_seed(0)
+    plain = FeaturePyramidNetwork([16, 32, 64], 24, LastLevelP6P7(24, 24))
+    gated = GatedFPN([16, 32, 64], 24, LastLevelP6P7(24, 24))
+    gated.load_state_dict(plain.state_dict(), strict=False)
+    torch.nn.init.zeros_(gated.gate[1].weight)
+    torch.nn.init.constant_(gated.gate[1].bias, 50.0)  # sigmoid(50) == 1 in float32
+    x = OrderedDict(a=torch.randn(2, 16, 16, 16), b=torch.randn(2, 32, 8, 8), c=torch.randn(2, 64, 4, 4))
+    for (name, p), (gname, g) in zip(plain(x).items(), gated(x).items(), strict=True):
+        assert name == gname
+        torch.testing.assert_close(g, p)
+    torch.nn.init.constant_(gated.gate[1].bias, -2.0)
+    assert not torch.allclose(gated(x)["a"], plain(x)["a"])
+
+
+def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes():
+    torch.manual_seed(0)
+    images = [torch.rand(3, 96, 128), torch.rand(3, 128, 80)]
+    targets = [_target([[10, 20, 60, 70], [70, 5, 120, 40]], [1, 2], (96, 128)), _target([], [], (128, 80))]
+    sprnet = build_detector("sprnet_resnet18_fpn", 3, min_size=96, max_size=128, score_thresh=0.0)
+    maskrcnn = build_detector("maskrcnn_resnet18_fpn", 3, min_size=96, max_size=128, box_score_thresh=0.0)
+    for model in (sprnet, maskrcnn):
+        losses = model.train()(images, targets)
+        assert "loss_mask" in losses
+        assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        ours, theirs = sprnet.eval()(images), maskrcnn.eval()(images)
+    assert len(ours) == len(theirs) == 2
+    for image, a, b in zip(images, ours, theirs, strict=True):
+        assert a.keys() == b.keys() == {"boxes", "labels", "scores", "masks"}
+        assert len(a["boxes"]) > 0
+        for key in a:
+            assert a[key].dtype == b[key].dtype
+            assert a[key].shape[1:] == b[key].shape[1:]
+        assert a["masks"].shape[1:] == (1, *image.shape[1:])
+        assert ((a["masks"] >= 0) & (a["masks"] <= 1)).all()
+        assert (a["labels"] > 0).all() or len(a["labels"]) == 0
+
+
+def test_each_mask_is_decoded_at_its_own_detections_anchor_location():
+    torch.manual_seed(0)
+    model = build_detector("sprnet_resnet18_fpn", 3, min_size=128, max_size=128, smallest_anchor=16,
+                           score_thresh=0.0, detections_per_img=50).eval()
+    regression = model.head.regression_head.bbox_reg
+    torch.nn.init.zeros_(regression.weight)
+    torch.nn.init.zeros_(regression.bias)  # every detection's box is then its anchor, clipped to the image
+    calls = []
+    model.mask_head.register_forward_hook(lambda module, args, out: calls.append(args[1:]))
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    with torch.no_grad():
+        detections = model(images)
+        features = list(model.backbone(model.transform(images)[0].tensors).values())
+    anchors = model.anchor_generator(ImageList(torch.zeros(2, 3, 128, 128), [(128, 128)] * 2), features)[0]
+    num_anchors = model.anchor_generator.num_anchors_per_location()[0]
+    (image_idx, location), = calls
+    start = 0
+    for i, det in enumerate(detections):
+        n = len(det["boxes"])
+        assert n > 0 and (image_idx[start:start + n] == i).all()
+        for box, loc in zip(det["boxes"], location[start:start + n], strict=True):
+            candidates = anchors[loc * num_anchors:(loc + 1) * num_anchors].clamp(0, 128)
+            assert (candidates - box).abs().sum(1).min() < 1e-3, "mask decoded at another location than its box"
+        start += n
+
+
+def _shape_sample(seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A 96-px image with an ellipse (label 1) and a triangle (label 2) on a noisy background."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.rand(3, 96, 96, generator=generator) * 0.3
+    masks, boxes = [], []
+    for label, (x0, y0, side) in ((1, (8 + seed * 4, 10, 40)), (2, (50, 40 - seed * 6, 36))):
+        canvas = Image.new("L", (96, 96))
+        if label == 1:
+            ImageDraw.Draw(canvas).ellipse([x0, y0, x0 + side, y0 + side], fill=1)
+        else:
+            ImageDraw.Draw(canvas).polygon([(x0, y0 + side), (x0 + side // 2, y0), (x0 + side, y0 + side)], fill=1)
+        mask = torch.from_numpy(np.array(canvas)).bool()
+        image[:, mask] = torch.tensor([0.9, 0.2, 0.1] if label == 1 else [0.1, 0.8, 0.3])[:, None]
+        ys, xs = mask.nonzero(as_tuple=True)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        masks.append(mask)
+    return image, {"boxes": torch.tensor(boxes, dtype=torch.float), "labels": torch.tensor([1, 2]),
+                   "masks": torch.stack(masks).to(torch.uint8)}
+
+
+def test_overfitting_one_small_batch_reaches_high_mask_iou():
+    torch.manual_seed(0)
+    images, targets = zip(*(_shape_sample(seed) for seed in (0, 1)), strict=True)
+    model = build_detector("sprnet_resnet18_fpn", 3, min_size=96, max_size=96, smallest_anchor=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    for _ in range(60):
+        loss = sum(model.train()(list(images), list(targets)).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        detections = model.eval()(list(images))
+    for det, target in zip(detections, targets, strict=True):
+        for box, label, gt_mask in zip(target["boxes"], target["labels"], target["masks"].bool(), strict=True):
+            same_class = (det["labels"] == label).nonzero().flatten()
+            assert len(same_class), f"no detection of class {label}"
+            best = same_class[box_iou(det["boxes"][same_class], box[None])[:, 0].argmax()]
+            predicted = det["masks"][best, 0] > 0.5
+            iou = (predicted & gt_mask).sum() / (predicted | gt_mask).sum()
+            assert iou > 0.8, f"mask IoU {iou:.3f} for class {label}"
+
+
+def test_bad_training_targets_get_clear_errors():
+    model = build_detector("sprnet_resnet18_fpn", 3).train()
+    image = torch.rand(3, 64, 64)
+    degenerate = _target([[10, 10, 30, 40], [20, 20, 20, 30]], [1, 2], (64, 64))
+    with pytest.raises(ValueError, match=r"invalid box \[20.0, 20.0, 20.0, 30.0\] for target at index 1"):
+        model([image, image], [_target([], [], (64, 64)), degenerate])
+    no_masks = {k: v for k, v in degenerate.items() if k != "masks"}
+    with pytest.raises(ValueError, match="target 0: 'masks' must be"):
+        model([image], [no_masks])
+    with pytest.raises(ValueError, match="one target dict per image"):
+        model([image])
+    with pytest.raises(EffdlError, match="unknown model 'sprnet_vgg'"):
+        build_detector("sprnet_vgg", 3)
