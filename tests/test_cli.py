@@ -39,10 +39,11 @@ def test_demo_quick(tmp_path):
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Language model" in report and "lm_loss.png" in report
     assert "SOFT" in report and "soft_attention.png" in report
+    assert "SPRNet" in report and "sprnet_overlay.png" in report and "segm" in report
     assert "Flover" in report and "flover_latency.png" in report
     assert "FPDT" in report and "fpdt_memory.png" in report
     assert "ExFlow" in report and "exflow_affinity.png" in report and "same greedy tokens in both modes | yes" in report
-    for plot in ("lm_loss.png", "soft_attention.png", "flover_latency.png", "fpdt_memory.png", "fpdt_loss.png",
+    for plot in ("lm_loss.png", "soft_attention.png", "sprnet_overlay.png", "flover_latency.png", "fpdt_memory.png", "fpdt_loss.png",
                  "exflow_affinity.png", "exflow_placement.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
 
@@ -53,7 +54,7 @@ def test_demo_quick(tmp_path):
         (["lm", "generate", "--model", "/does/not/exist"], "checkpoint folder /does/not/exist does not exist"),
         (["lm", "train", "--preset", "huge"], "unknown preset 'huge'; valid presets: tiny"),
         (["lm", "train", "--steps", "0"], "steps must be positive"),
-        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft, fpdt, exflow, flover"),
+        (["demo", "--only", "nope"], "unknown demo stage 'nope'; stages: lm, soft, sprnet, fpdt, exflow, flover"),
         (["fpdt", "train", "--chunk-size", "0"], "chunk_size must be positive"),
         (["fpdt", "train", "--seq-len", "512", "--chunk-size", "1024"], "chunk_size 1024 is longer than the sequence"),
         (["fpdt", "train", "--sp", "2"], "--sp 2 but 1 process(es) were launched"),

@@ -14,6 +14,9 @@
     effdl exflow place --trace FIT.npz [--eval-trace HELDOUT.npz] --gpus 4 [--method ilp] [--out placement.json]
     effdl exflow run --model DIR --mode standard|coherent [--placement FILE] (under torchrun: one rank per GPU)
     effdl exflow simulate --trace T.npz --placement FILE [FILE ...] [--gpus-per-node 4]
+    effdl sprnet train [--data shapes|PATH] [--model sprnet_resnet18_fpn|maskrcnn|retinanet] [--epochs N] ...
+    effdl sprnet eval --checkpoint FILE|DIR [--data PATH --split val2017]
+    effdl sprnet predict IMAGE --checkpoint FILE|DIR [--out overlay.png]
     effdl flover serve [--model DIR|preset] [--port 8000] [--max-slots 16] [--policy fused] [--tp N under torchrun]
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
@@ -122,6 +125,36 @@ def _soft_eval(args: argparse.Namespace) -> None:
     metrics = evaluate_classifier(model, load_split(cfg, train=False, device=device), device)
     print(f"{cfg.model} on {cfg.data} test ({cfg.img_size}px): top-1 {metrics['top1']:.2f}%, "
           f"loss {metrics['loss']:.4f}")
+
+
+def _sprnet_train(args: argparse.Namespace) -> None:
+    from effdl.report import print_table
+    from effdl.sprnet.evaluate import METRIC_NAMES, format_metrics
+    from effdl.sprnet.train import DetectionTrainConfig, read_checkpoint, train_detector
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(DetectionTrainConfig)
+             if getattr(args, f.name, None) is not None}
+    saved = read_checkpoint(args.resume)["config"] if args.resume else {}
+    result = train_detector(DetectionTrainConfig(**{**saved, **given}), resume=args.resume)
+    print_table(f"{result.history[-1]['epoch']:g} epochs, checkpoint {result.checkpoint}", ["IoU", *METRIC_NAMES],
+                format_metrics(result.metrics))
+
+
+def _sprnet_eval(args: argparse.Namespace) -> None:
+    from effdl.report import print_table
+    from effdl.sprnet.evaluate import METRIC_NAMES, format_metrics
+    from effdl.sprnet.train import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, device=args.device)
+    print_table(f"COCO AP of {args.checkpoint}", ["IoU", *METRIC_NAMES], format_metrics(metrics))
+
+
+def _sprnet_predict(args: argparse.Namespace) -> None:
+    from effdl.sprnet.train import predict_image
+
+    prediction = predict_image(args.checkpoint, args.image, args.out, args.score_threshold, device=args.device)
+    kept = int((prediction["scores"] > args.score_threshold).sum())
+    print(f"{kept} instances above score {args.score_threshold}; overlay written to {args.out}")
 
 
 def _flover_serve(args: argparse.Namespace) -> None:
@@ -295,10 +328,10 @@ def _add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
-    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,fpdt,exflow,flover}")
+    systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,sprnet,fpdt,exflow,flover}")
 
     demo = systems.add_parser("demo", help="a tour of every system on embedded data, report in ./effdl-demo/")
-    demo.add_argument("--only", help="run one stage (lm, soft, fpdt, exflow, flover)")
+    demo.add_argument("--only", help="run one stage (lm, soft, sprnet, fpdt, exflow, flover)")
     demo.add_argument("--out", default="effdl-demo", help="report folder (default: effdl-demo)")
     demo.add_argument("--quick", action="store_true", help="seconds per stage instead of ~90 (smoke test)")
     demo.set_defaults(run=_demo)
@@ -349,6 +382,42 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--eval-subset", dest="eval_subset", type=int, help="first N test images (default all)")
     se.add_argument("--device", default="auto")
     se.set_defaults(run=_soft_eval)
+
+    sprnet = systems.add_parser("sprnet", help="one-stage instance segmentation (SPRNet) and its baselines"
+                                ).add_subparsers(dest="verb", required=True, metavar="{train,eval,predict}")
+    pt = sprnet.add_parser("train", help="train SPRNet, Mask R-CNN or RetinaNet; COCO box/mask AP every epoch")
+    pt.add_argument("--model", help="sprnet_resnet18_fpn (default), sprnet_resnet50_fpn, maskrcnn, retinanet")
+    pt.add_argument("--backbone", help="resnet18 (default) or resnet50, for maskrcnn / retinanet")
+    pt.add_argument("--data", help="'shapes' (default: synthetic, generated once) or a COCO folder")
+    pt.add_argument("--train-split", dest="train_split", help="(default train; COCO: train2017)")
+    pt.add_argument("--val-split", dest="val_split", help="(default val; COCO: val2017)")
+    pt.add_argument("--shapes-images", dest="shapes_train_images", type=int, help="synthetic training images")
+    pt.add_argument("--epochs", type=float, help="(default 12)")
+    pt.add_argument("--batch-size", dest="batch_size", type=int, help="(default 4)")
+    pt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 2e-4)")
+    pt.add_argument("--min-size", dest="min_size", type=int, help="resize shorter side to (default 128)")
+    pt.add_argument("--max-size", dest="max_size", type=int, help="longer side at most (default 128)")
+    pt.add_argument("--smallest-anchor", dest="smallest_anchor", type=int, help="P3 anchor px (default 16)")
+    pt.add_argument("--weights-backbone", dest="weights_backbone", help="local torchvision ResNet state dict")
+    pt.add_argument("--eval-images", dest="eval_images", type=int, help="first N validation images (0 = all)")
+    pt.add_argument("--out", dest="out_dir", help="checkpoint folder (default runs/sprnet)")
+    pt.add_argument("--seed", type=int)
+    pt.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
+    pt.add_argument("--resume", help="checkpoint (.pth) or run folder to continue from exactly")
+    pt.set_defaults(run=_sprnet_train)
+    pe = sprnet.add_parser("eval", help="COCO box and mask AP of a checkpoint")
+    pe.add_argument("--checkpoint", required=True, help="checkpoint (.pth) or run folder (its newest)")
+    pe.add_argument("--data", help="COCO folder (default: the data it was trained on)")
+    pe.add_argument("--split", help="split to score (default: its validation split)")
+    pe.add_argument("--device", default="auto")
+    pe.set_defaults(run=_sprnet_eval)
+    pp = sprnet.add_parser("predict", help="draw the detected masks and boxes on one image")
+    pp.add_argument("image")
+    pp.add_argument("--checkpoint", required=True, help="checkpoint (.pth) or run folder (its newest)")
+    pp.add_argument("--out", default="overlay.png")
+    pp.add_argument("--score-threshold", dest="score_threshold", type=float, default=0.5)
+    pp.add_argument("--device", default="auto")
+    pp.set_defaults(run=_sprnet_predict)
 
     fpdt = systems.add_parser("fpdt", help="train on very long sequences (FPDT: chunk pipeline + offload)"
                               ).add_subparsers(dest="verb", required=True, metavar="{train,plan,eval}")

@@ -68,6 +68,12 @@ def _soft_stage(out_dir: Path, quick: bool) -> StageReport:
     return soft_stage(out_dir, quick)
 
 
+def _sprnet_stage(out_dir: Path, quick: bool) -> StageReport:
+    from effdl.sprnet.demo import sprnet_stage
+
+    return sprnet_stage(out_dir, quick)
+
+
 def _flover_stage(out_dir: Path, quick: bool) -> StageReport:
     from effdl.flover.demo import flover_stage
 
@@ -87,8 +93,8 @@ def _exflow_stage(out_dir: Path, quick: bool) -> StageReport:
 
 
 STAGES: dict[str, Callable[[Path, bool], StageReport]] = {"lm": lm_stage, "soft": _soft_stage,
-                                                          "fpdt": _fpdt_stage, "exflow": _exflow_stage,
-                                                          "flover": _flover_stage}
+                                                          "sprnet": _sprnet_stage, "fpdt": _fpdt_stage,
+                                                          "exflow": _exflow_stage, "flover": _flover_stage}
 
 
 def run_demo(out_dir: str | Path = "effdl-demo", only: str | None = None, quick: bool = False) -> Path:

@@ -58,6 +58,7 @@ class DetectionTrainConfig:
     out_dir: str = "runs/sprnet"
     seed: int = 0
     device: str = "auto"
+    max_time_s: float | None = None  # stop (and evaluate) after this many seconds of training
 
     def __post_init__(self) -> None:
         if self.model in ("maskrcnn", "retinanet"):
@@ -150,7 +151,10 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
             if not torch.isfinite(loss):
                 raise EffdlError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
             step += 1
-            result.images_per_s = (step - start_step) * cfg.batch_size / (time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
+            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
+                total_steps = step
             epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg.eval_every == 0
             if epoch_done or step == total_steps:
                 metrics = evaluate(model, val_data, cfg, device)

@@ -1,0 +1,89 @@
+"""SPRNet trainer and CLI: exact resume, checkpoints that rebuild the model, train/eval/predict commands, bad data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from effdl.errors import EffdlError
+from effdl.sprnet.data import write_shapes_dataset
+from effdl.sprnet.train import DetectionTrainConfig, load_detector, train_detector
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, "train", num_images=8, image_size=64, seed=1)
+    write_shapes_dataset(root, "val", num_images=4, image_size=64, seed=1)
+    return root
+
+
+def _config(shapes, out, **kw) -> DetectionTrainConfig:
+    return DetectionTrainConfig(data=str(shapes), min_size=64, max_size=64, batch_size=4, warmup_steps=1,
+                                out_dir=str(out), **kw)
+
+
+def test_resume_continues_exactly_and_checkpoints_rebuild_the_model(shapes, tmp_path):
+    straight = train_detector(_config(shapes, tmp_path / "a", epochs=2), progress=False)
+    half = train_detector(_config(shapes, tmp_path / "b", epochs=2, max_time_s=0.0), progress=False)
+    assert half.step == 1
+    resumed = train_detector(_config(shapes, tmp_path / "b", epochs=2), resume=half.checkpoint, progress=False)
+    assert resumed.step == straight.step == 4
+    a, _, names = load_detector(straight.checkpoint, device="cpu")
+    b, cfg, _ = load_detector(tmp_path / "b", device="cpu")  # a run folder loads its newest checkpoint
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, msg=name)
+    assert names == ["circle", "square", "triangle", "ellipse", "star"] and cfg.model == "sprnet_resnet18_fpn"
+    assert set(resumed.metrics) == {"bbox", "segm"} and 0 <= resumed.metrics["segm"]["AP"] <= 1
+    history = json.loads((tmp_path / "b" / "sprnet_resnet18_fpn-history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 4]  # the interrupted step, then each epoch
+
+
+@pytest.mark.parametrize("model,iou_types", [("maskrcnn", {"bbox", "segm"}), ("retinanet", {"bbox"})])
+def test_baselines_train_with_the_same_recipe(shapes, tmp_path, model, iou_types):
+    result = train_detector(_config(shapes, tmp_path, model=model, epochs=1), progress=False)
+    assert set(result.metrics) == iou_types
+    assert result.checkpoint.name.startswith(f"{model}_resnet18_fpn-step")
+
+
+def effdl(*args):
+    return subprocess.run([sys.executable, "-m", "effdl.cli", "sprnet", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_train_eval_predict(shapes, tmp_path):
+    run = tmp_path / "run"
+    out = effdl("train", "--data", str(shapes), "--epochs", "1", "--min-size", "64", "--max-size", "64",
+                "--out", str(run))
+    assert out.returncode == 0, out.stderr
+    assert "segm" in out.stdout and "bbox" in out.stdout
+    out = effdl("eval", "--checkpoint", str(run))
+    assert out.returncode == 0, out.stderr
+    assert "AP50" in out.stdout and "segm" in out.stdout
+    image = tmp_path / "gray.png"
+    Image.new("L", (80, 60), 128).save(image)  # grayscale, and a size the model has not seen
+    out = effdl("predict", str(image), "--checkpoint", str(run), "--out", str(tmp_path / "o.png"),
+                "--score-threshold", "0.0")
+    assert out.returncode == 0, out.stderr
+    assert Image.open(tmp_path / "o.png").size == (80, 60)
+    out = effdl("predict", str(tmp_path / "missing.png"), "--checkpoint", str(run))
+    assert out.returncode == 2 and "missing.png" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_data_error_stops_training_before_the_first_step(shapes, tmp_path):
+    root = tmp_path / "bad"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / split).symlink_to(shapes / split)
+        data = json.loads((shapes / "annotations" / f"instances_{split}.json").read_text())
+        if split == "train":
+            data["annotations"][-1]["bbox"][2] = 0.0
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+    with pytest.raises(EffdlError, match="positive height and width"):
+        train_detector(_config(root, tmp_path / "run", epochs=1), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(EffdlError, match="unknown model 'maskrcnn_vgg'"):
+        _config(root, tmp_path, model="maskrcnn_vgg")
