@@ -69,3 +69,13 @@ def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequenc
                **(extra or {})}
     path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
     return path
+
+
+def resumable_checkpoint(out_dir: str | Path, model: str, config: dict[str, Any]) -> Path | None:
+    """The newest ``<model>-step*.pth`` in ``out_dir`` trained with exactly ``config``, so a rerun continues it."""
+    import torch
+
+    for path in sorted(Path(out_dir).glob(f"{model}-step*.pth"), reverse=True):
+        if torch.load(path, weights_only=True)["config"] == config:
+            return path
+    return None

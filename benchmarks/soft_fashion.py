@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
-from harness import RESULTS, report, time_interleaved
+from harness import RESULTS, report, resumable_checkpoint, time_interleaved
 
 from effdl.report import bar_plot, line_plot
 from effdl.soft.train import ImageTrainConfig, create_classifier, train_classifier
@@ -27,7 +26,7 @@ def accuracy(args: argparse.Namespace) -> None:
     for name in ("soft_tiny", args.baseline):
         cfg = ImageTrainConfig(model=name, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, warmup_epochs=min(1.0, args.epochs / 4), out_dir=f"runs/bench-{name}")
-        result = train_classifier(cfg, resume=_resumable(cfg))
+        result = train_classifier(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
         params = sum(p.numel() for p in create_classifier(name, args.img_size).parameters())
         rows.append((name, f"{params / 1e6:.1f}M", args.epochs, f"{result.top1:.2f}%", f"{result.images_per_s:.0f}"))
         curves[name] = ([h["epoch"] for h in result.history], [h["top1"] for h in result.history])
@@ -35,14 +34,6 @@ def accuracy(args: argparse.Namespace) -> None:
     report("soft_fashion_accuracy", title, ["model", "params", "epochs", "test top-1", "train img/s"], rows,
            extra={"args": vars(args), "curves": curves})
     line_plot(RESULTS / "soft_fashion_accuracy.png", curves, title=title, xlabel="epoch", ylabel="test top-1 (%)")
-
-
-def _resumable(cfg: ImageTrainConfig) -> Path | None:
-    """The newest checkpoint an interrupted run of this exact config left behind, so a rerun continues it."""
-    for path in sorted(Path(cfg.out_dir).glob(f"{cfg.model}-step*.pth"), reverse=True):
-        if torch.load(path, weights_only=True)["config"] == dataclasses.asdict(cfg):
-            return path
-    return None
 
 
 def throughput(args: argparse.Namespace) -> None:

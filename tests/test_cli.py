@@ -43,8 +43,8 @@ def test_demo_quick(tmp_path):
     assert "Flover" in report and "flover_latency.png" in report
     assert "FPDT" in report and "fpdt_memory.png" in report
     assert "ExFlow" in report and "exflow_affinity.png" in report and "same greedy tokens in both modes | yes" in report
-    for plot in ("lm_loss.png", "soft_attention.png", "sprnet_overlay.png", "flover_latency.png", "fpdt_memory.png", "fpdt_loss.png",
-                 "exflow_affinity.png", "exflow_placement.png"):
+    for plot in ("lm_loss.png", "soft_attention.png", "sprnet_overlay.png", "flover_latency.png", "fpdt_memory.png",
+                 "fpdt_loss.png", "exflow_affinity.png", "exflow_placement.png"):
         assert (tmp_path / "demo" / plot).stat().st_size > 1000
 
 

@@ -1,0 +1,119 @@
+"""SPRNet vs torchvision Mask R-CNN and RetinaNet: same backbone, data and schedule; COCO AP and latency.
+
+    python benchmarks/sprnet_vs_maskrcnn.py [--data shapes|COCO_DIR] [--epochs 8] [--train-images 1000]
+                                            [--backbone resnet18] [--latency-sizes 128 512] [--repeat 40]
+
+Trains the three models with one recipe (``effdl.sprnet.train``; a rerun
+resumes any run of the identical config left in ``runs/bench-sprnet``), scores
+COCO box and mask AP on the validation split, then times inference with the
+trained weights: batch 1, eval mode, the same image size and score threshold
+(0.05) for all, validation images in turn, the models interleaved, median of
+``--repeat`` images. ``--latency-sizes`` resizes the same images (the models'
+transform) to show how the gap grows with resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+
+import torch
+from harness import RESULTS, report, resumable_checkpoint, time_interleaved
+
+from effdl.report import line_plot
+from effdl.sprnet.train import DetectionTrainConfig, load_dataset, load_detector, train_detector
+
+MODELS = ("sprnet", "maskrcnn", "retinanet")  # the baselines on the same --backbone
+
+
+def train_all(args: argparse.Namespace) -> dict[str, DetectionTrainConfig]:
+    """Train (or resume) each model with the same config apart from the model; returns the configs by name."""
+    configs = {}
+    for name in MODELS:
+        cfg = DetectionTrainConfig(model=f"sprnet_{args.backbone}_fpn" if name == "sprnet" else name,
+                                   backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
+                                   shapes_val_images=args.val_images, shapes_image_size=args.image_size,
+                                   min_size=args.image_size, max_size=args.image_size, epochs=args.epochs,
+                                   batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                                   out_dir=f"runs/bench-sprnet/{name}")
+        train_detector(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
+        configs[cfg.model] = cfg
+    return configs
+
+
+def latency(configs: dict[str, DetectionTrainConfig], sizes: list[int], repeat: int,
+            device: str) -> dict[int, dict[str, float]]:
+    """Median seconds per image at each size, per model (trained weights, batch 1, eval mode)."""
+    val = load_dataset(next(iter(configs.values())), next(iter(configs.values())).val_split)
+    images = [val[i][0].to(device) for i in range(min(len(val), repeat))]
+    models = {name: load_detector(cfg.out_dir, device=device)[0] for name, cfg in configs.items()}
+    medians = {}
+    for size in sizes:
+        calls = {}
+        for name, model in models.items():
+            model.transform.min_size, model.transform.max_size = (size,), size
+            calls[name] = _forward_in_turn(model, images)
+        timings = time_interleaved(calls, warmup=2, repeat=repeat)
+        medians[size] = {name: t.median_s for name, t in timings.items()}
+    return medians
+
+
+def _forward_in_turn(model: torch.nn.Module, images: list[torch.Tensor]):
+    cycle = itertools.cycle(images)
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model([next(cycle)])
+
+    return forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="shapes")
+    parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
+    parser.add_argument("--train-images", type=int, default=1000, help="synthetic shapes only")
+    parser.add_argument("--val-images", type=int, default=200, help="synthetic shapes only")
+    parser.add_argument("--image-size", type=int, default=128, help="training / evaluation size")
+    parser.add_argument("--epochs", type=float, default=8.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--eval-every", type=int, default=2, help="epochs between validation passes")
+    parser.add_argument("--latency-sizes", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--repeat", type=int, default=40, help="timed images per model and size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    configs = train_all(args)
+    states = {name: torch.load(resumable_checkpoint(cfg.out_dir, name, dataclasses.asdict(cfg)),
+                               weights_only=True) for name, cfg in configs.items()}
+    metrics = {name: state["history"][-1]["metrics"] for name, state in states.items()}
+    seconds = latency(configs, args.latency_sizes, args.repeat, args.device)
+
+    spr, mrcnn, retina = configs
+    rows = []
+    for name in configs:
+        box, mask = metrics[name]["bbox"], metrics[name].get("segm")
+        mask_ap = ("-", "-") if mask is None else (f"{100 * mask['AP']:.1f}", f"{100 * mask['AP50']:.1f}")
+        rows.append((name, f"{100 * box['AP']:.1f}", f"{100 * box['AP50']:.1f}", *mask_ap,
+                     *(f"{1e3 * seconds[s][name]:.0f}" for s in args.latency_sizes)))
+    ratio_rows = [(f"{s}px", f"{seconds[s][spr] / seconds[s][mrcnn]:.2f}x",
+                   f"{seconds[s][spr] / seconds[s][retina]:.2f}x") for s in args.latency_sizes]
+    title = (f"{args.data} ({args.image_size}px), {args.backbone}-FPN, {args.epochs:g} epochs, same recipe; "
+             f"latency batch 1 on {args.device}")
+    report("sprnet_vs_maskrcnn", title,
+           ["model", "box AP", "box AP50", "mask AP", "mask AP50", *(f"ms @{s}px" for s in args.latency_sizes)],
+           rows, extra={"args": vars(args), "metrics": metrics, "latency_s": seconds,
+                        "history": {n: s["history"] for n, s in states.items()}})
+    report("sprnet_latency_ratios", "SPRNet latency relative to the baselines (targets: <= 0.6x Mask R-CNN, "
+           "<= 1.25x RetinaNet)", ["size", "SPRNet / Mask R-CNN", "SPRNet / RetinaNet"], ratio_rows)
+    size = args.latency_sizes[0]
+    points = {name: ([1e3 * seconds[size][name]], [100 * (metrics[name].get("segm") or metrics[name]["bbox"])["AP"]])
+              for name in configs}  # mask AP; box AP for RetinaNet
+    line_plot(RESULTS / "sprnet_vs_maskrcnn.png", points, title=f"AP vs latency at {size}px (mask AP; box AP for "
+              "RetinaNet)", xlabel=f"ms per image, {args.device}", ylabel="COCO AP (%)")
+
+
+if __name__ == "__main__":
+    main()
