@@ -163,8 +163,8 @@ def test_overfitting_one_small_batch_reaches_high_mask_iou():
     torch.manual_seed(0)
     images, targets = zip(*(_shape_sample(seed) for seed in (0, 1)), strict=True)
     model = build_detector("sprnet_resnet18_fpn", 3, min_size=96, max_size=96, smallest_anchor=16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    for _ in range(60):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    for _ in range(100):
         loss = sum(model.train()(list(images), list(targets)).values())
         optimizer.zero_grad()
         loss.backward()
