@@ -36,6 +36,7 @@ def train_all(args: argparse.Namespace) -> dict[str, DetectionTrainConfig]:
                                    shapes_val_images=args.val_images, shapes_image_size=args.image_size,
                                    min_size=args.image_size, max_size=args.image_size, epochs=args.epochs,
                                    batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+                                   maskrcnn_rois_per_image=args.maskrcnn_rois,
                                    out_dir=f"runs/bench-sprnet/{name}")
         train_detector(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
         configs[cfg.model] = cfg
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--eval-every", type=int, default=2, help="epochs between validation passes")
+    parser.add_argument("--maskrcnn-rois", type=int, default=512, help="Mask R-CNN RoIs sampled per image in training")
     parser.add_argument("--latency-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeat", type=int, default=40, help="timed images per model and size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

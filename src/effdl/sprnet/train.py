@@ -53,6 +53,9 @@ class DetectionTrainConfig:
     grad_clip: float = 10.0  # the paper clips gradients; 10 only stops rare spikes
     hflip_prob: float = 0.5
     weights_backbone: str | None = None  # a local torchvision ResNet state dict
+    # Mask R-CNN only: RoIs sampled per image for its box/mask heads (torchvision: 512). On small images with few
+    # objects 128 loses nothing and makes its CPU training ~3x cheaper (RoIAlign's backward dominates).
+    maskrcnn_rois_per_image: int = 512
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     eval_images: int = 0  # 0 = the whole validation split
     out_dir: str = "runs/sprnet"
@@ -105,8 +108,9 @@ def _check_categories(dataset: CocoInstances, names: list[str], what: str) -> No
 
 
 def create_detector(cfg: DetectionTrainConfig, num_classes: int) -> nn.Module:
+    extra = {"box_batch_size_per_image": cfg.maskrcnn_rois_per_image} if cfg.model.startswith("maskrcnn") else {}
     return build_detector(cfg.model, num_classes, weights_backbone=cfg.weights_backbone, min_size=cfg.min_size,
-                          max_size=cfg.max_size, smallest_anchor=cfg.smallest_anchor)
+                          max_size=cfg.max_size, smallest_anchor=cfg.smallest_anchor, **extra)
 
 
 def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
