@@ -194,3 +194,17 @@ def test_bad_training_targets_get_clear_errors():
         model([image])
     with pytest.raises(EffdlError, match="unknown model 'sprnet_vgg'"):
         build_detector("sprnet_vgg", 3)
+
+
+def test_bf16_autocast_trains_and_detects():
+    """The GPU trainer runs under bf16 autocast; CPU autocast exercises the same dtype paths."""
+    torch.manual_seed(0)
+    model = build_detector("sprnet_resnet18_fpn", 3, min_size=64, max_size=64, score_thresh=0.0)
+    image, target = torch.rand(3, 64, 64), _target([[10, 10, 40, 40]], [1], (64, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.train()([image], [target])
+        sum(losses.values()).backward()
+        with torch.no_grad():
+            detection = model.eval()([image])[0]
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert detection["masks"].shape == (len(detection["boxes"]), 1, 64, 64) and len(detection["boxes"]) > 0

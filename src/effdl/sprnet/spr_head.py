@@ -101,13 +101,13 @@ class SPRMaskHead(nn.Module):
     def fuse(self, features: Sequence[Tensor], image: Tensor, location: Tensor) -> Tensor:
         """The multi-dilation fusion vector of each location: (N, 256 + 128 * len(dilations))."""
         level, y, x = location_coords(location, [f.shape[-2:] for f in features])
-        fused = features[0].new_empty(len(location), self.reconstruct[0].in_channels)
+        rows, vectors = [], []
         for lvl, feature in enumerate(features):
             at = (level == lvl).nonzero().flatten()
-            if len(at):
-                args = feature, image[at], y[at], x[at]
-                fused[at] = torch.cat([F.relu(conv_at(*args, conv)) for conv in (self.point, *self.dilated)], 1)
-        return fused
+            args = feature, image[at], y[at], x[at]
+            rows.append(at)
+            vectors.append(torch.cat([F.relu(conv_at(*args, conv)) for conv in (self.point, *self.dilated)], 1))
+        return torch.cat(vectors)[torch.cat(rows).argsort()]  # back in the order of ``location``
 
     def forward(self, features: Sequence[Tensor], image: Tensor, location: Tensor) -> Tensor:
         vector = self.fuse(features, image, location)[:, :, None, None]  # (N, 640, 1, 1)
