@@ -3,7 +3,10 @@
     python benchmarks/sprnet_vs_maskrcnn.py [--data shapes|COCO_DIR] [--epochs 8] [--train-images 1000]
                                             [--backbone resnet18] [--latency-sizes 128 512] [--repeat 40]
 
-Trains the three models with one recipe (``effdl.sprnet.train``; a rerun
+All three start from the same backbone, pretrained by classifying the
+training split's object crops (``--pretrain-steps``; the stand-in for the
+ImageNet weights the paper uses, which cannot be downloaded here), and train
+with one recipe (``effdl.sprnet.train``; a rerun
 resumes any run of the identical config left in ``runs/bench-sprnet``), scores
 COCO box and mask AP on the validation split, then times inference with the
 trained weights: batch 1, eval mode, the same image size and score threshold
@@ -17,26 +20,45 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+from pathlib import Path
 
 import torch
 from harness import RESULTS, report, resumable_checkpoint, time_interleaved
 
 from effdl.report import line_plot
+from effdl.sprnet.pretrain import pretrain_backbone
 from effdl.sprnet.train import DetectionTrainConfig, load_dataset, load_detector, train_detector
 
 MODELS = ("sprnet", "maskrcnn", "retinanet")  # the baselines on the same --backbone
 
 
+def pretrained_backbone(args: argparse.Namespace) -> str | None:
+    """The backbone all three detectors start from (the ImageNet stand-in, see ``effdl.sprnet.pretrain``), cached."""
+    if args.pretrain_steps == 0:
+        return None
+    path = Path("runs/bench-sprnet") / (f"backbone-{args.backbone}-{args.data.replace('/', '_')}-{args.image_size}px-"
+                                        f"{args.train_images}-{args.pretrain_steps}steps.pth")
+    if not path.is_file():
+        cfg = DetectionTrainConfig(data=args.data, shapes_train_images=args.train_images,
+                                   shapes_val_images=args.val_images, shapes_image_size=args.image_size)
+        state, accuracy = pretrain_backbone(load_dataset(cfg, cfg.train_split), args.backbone, args.pretrain_steps)
+        print(f"pretrained {args.backbone} on object crops: {100 * accuracy:.1f}% crop accuracy")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
+    return str(path)
+
+
 def train_all(args: argparse.Namespace) -> dict[str, DetectionTrainConfig]:
     """Train (or resume) each model with the same config apart from the model; returns the configs by name."""
     configs = {}
+    weights_backbone = pretrained_backbone(args)
     for name in MODELS:
         cfg = DetectionTrainConfig(model=f"sprnet_{args.backbone}_fpn" if name == "sprnet" else name,
                                    backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
                                    shapes_val_images=args.val_images, shapes_image_size=args.image_size,
                                    min_size=args.image_size, max_size=args.image_size, epochs=args.epochs,
                                    batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                                   maskrcnn_rois_per_image=args.maskrcnn_rois,
+                                   maskrcnn_rois_per_image=args.maskrcnn_rois, weights_backbone=weights_backbone,
                                    out_dir=f"runs/bench-sprnet/{name}")
         train_detector(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
         configs[cfg.model] = cfg
@@ -79,7 +101,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128, help="training / evaluation size")
     parser.add_argument("--epochs", type=float, default=8.0)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--pretrain-steps", type=int, default=300,
+                        help="crop-classification steps that pretrain the shared backbone (0: from scratch)")
     parser.add_argument("--eval-every", type=int, default=2, help="epochs between validation passes")
     parser.add_argument("--maskrcnn-rois", type=int, default=512, help="Mask R-CNN RoIs sampled per image in training")
     parser.add_argument("--latency-sizes", type=int, nargs="+", default=[128, 512])
@@ -102,7 +126,8 @@ def main() -> None:
                      *(f"{1e3 * seconds[s][name]:.0f}" for s in args.latency_sizes)))
     ratio_rows = [(f"{s}px", f"{seconds[s][spr] / seconds[s][mrcnn]:.2f}x",
                    f"{seconds[s][spr] / seconds[s][retina]:.2f}x") for s in args.latency_sizes]
-    title = (f"{args.data} ({args.image_size}px), {args.backbone}-FPN, {args.epochs:g} epochs, same recipe; "
+    start = f"pretrained ({args.pretrain_steps} crop steps)" if args.pretrain_steps else "from scratch"
+    title = (f"{args.data} ({args.image_size}px), {args.backbone}-FPN {start}, {args.epochs:g} epochs, same recipe; "
              f"latency batch 1 on {args.device}")
     report("sprnet_vs_maskrcnn", title,
            ["model", "box AP", "box AP50", "mask AP", "mask AP50", *(f"ms @{s}px" for s in args.latency_sizes)],

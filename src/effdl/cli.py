@@ -17,6 +17,7 @@
     effdl sprnet train [--data shapes|PATH] [--model sprnet_resnet18_fpn|maskrcnn|retinanet] [--epochs N] ...
     effdl sprnet eval --checkpoint FILE|DIR [--data PATH --split val2017]
     effdl sprnet predict IMAGE --checkpoint FILE|DIR [--out overlay.png]
+    effdl sprnet pretrain [--data shapes|PATH] [--backbone resnet18] [--steps 300] --out FILE
     effdl flover serve [--model DIR|preset] [--port 8000] [--max-slots 16] [--policy fused] [--tp N under torchrun]
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
@@ -138,6 +139,20 @@ def _sprnet_train(args: argparse.Namespace) -> None:
     result = train_detector(DetectionTrainConfig(**{**saved, **given}), resume=args.resume)
     print_table(f"{result.history[-1]['epoch']:g} epochs, checkpoint {result.checkpoint}", ["IoU", *METRIC_NAMES],
                 format_metrics(result.metrics))
+
+
+def _sprnet_pretrain(args: argparse.Namespace) -> None:
+    import torch
+
+    from effdl.sprnet.pretrain import pretrain_backbone
+    from effdl.sprnet.train import DetectionTrainConfig, load_dataset
+
+    cfg = DetectionTrainConfig(data=args.data, shapes_train_images=args.shapes_train_images)
+    state, accuracy = pretrain_backbone(load_dataset(cfg, args.split or cfg.train_split), args.backbone, args.steps)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, args.out)
+    print(f"{args.backbone} crop accuracy {100 * accuracy:.1f}%; weights written to {args.out} "
+          f"(use --weights-backbone {args.out})")
 
 
 def _sprnet_eval(args: argparse.Namespace) -> None:
@@ -384,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(run=_soft_eval)
 
     sprnet = systems.add_parser("sprnet", help="one-stage instance segmentation (SPRNet) and its baselines"
-                                ).add_subparsers(dest="verb", required=True, metavar="{train,eval,predict}")
+                                ).add_subparsers(dest="verb", required=True, metavar="{train,eval,predict,pretrain}")
     pt = sprnet.add_parser("train", help="train SPRNet, Mask R-CNN or RetinaNet; COCO box/mask AP every epoch")
     pt.add_argument("--model", help="sprnet_resnet18_fpn (default), sprnet_resnet50_fpn, maskrcnn, retinanet")
     pt.add_argument("--backbone", help="resnet18 (default) or resnet50, for maskrcnn / retinanet")
@@ -394,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--shapes-images", dest="shapes_train_images", type=int, help="synthetic training images")
     pt.add_argument("--epochs", type=float, help="(default 12)")
     pt.add_argument("--batch-size", dest="batch_size", type=int, help="(default 4)")
-    pt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 2e-4)")
+    pt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 1e-4)")
     pt.add_argument("--min-size", dest="min_size", type=int, help="resize shorter side to (default 128)")
     pt.add_argument("--max-size", dest="max_size", type=int, help="longer side at most (default 128)")
     pt.add_argument("--smallest-anchor", dest="smallest_anchor", type=int, help="P3 anchor px (default 16)")
@@ -418,6 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--score-threshold", dest="score_threshold", type=float, default=0.5)
     pp.add_argument("--device", default="auto")
     pp.set_defaults(run=_sprnet_predict)
+    pb = sprnet.add_parser("pretrain", help="pretrain a backbone on the data's object crops (no ImageNet here)")
+    pb.add_argument("--data", default="shapes", help="'shapes' (default) or a COCO folder")
+    pb.add_argument("--split", help="(default train)")
+    pb.add_argument("--shapes-images", dest="shapes_train_images", type=int, default=1000)
+    pb.add_argument("--backbone", default="resnet18", help="resnet18 (default) or resnet50")
+    pb.add_argument("--steps", type=int, default=300, help="batches of 64 crops (default 300)")
+    pb.add_argument("--out", type=Path, default=Path("runs/backbone-resnet18.pth"))
+    pb.set_defaults(run=_sprnet_pretrain)
 
     fpdt = systems.add_parser("fpdt", help="train on very long sequences (FPDT: chunk pipeline + offload)"
                               ).add_subparsers(dest="verb", required=True, metavar="{train,plan,eval}")

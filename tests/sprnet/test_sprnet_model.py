@@ -13,7 +13,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from effdl.errors import EffdlError
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import GatedFPN
-from effdl.sprnet.spr_head import conv_at, location_coords, mask_positives
+from effdl.sprnet.spr_head import conv_at, deconv2x2, location_coords, mask_positives
 
 
 def _target(boxes: list[list[float]], labels: list[int], size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -40,6 +40,19 @@ def test_conv_at_equals_dense_convolution_and_its_gradients(kernel, dilation):
     grads_dense = torch.autograd.grad((dense * weights).sum(), (feature, conv.weight, conv.bias))
     for gs, gd in zip(grads_sparse, grads_dense, strict=True):
         torch.testing.assert_close(gs, gd)
+
+
+@pytest.mark.parametrize("n,size", [(4, 1), (4, 3), (0, 2)])
+def test_deconv2x2_equals_the_transposed_convolution_and_its_gradients(n, size):
+    deconv = torch.nn.ConvTranspose2d(6, 5, 2, stride=2)
+    x = torch.randn(n, 6, size, size, requires_grad=True)
+    ours, reference = deconv2x2(x, deconv), deconv(x)
+    torch.testing.assert_close(ours, reference)
+    grad = torch.randn_like(reference)
+    got = torch.autograd.grad(ours, (x, deconv.weight, deconv.bias), grad)
+    want = torch.autograd.grad(reference, (x, deconv.weight, deconv.bias), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
 
 
 def test_location_coords_name_the_anchor_position_the_anchor_generator_used():

@@ -236,7 +236,17 @@ def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_
         path = Path(weights_backbone)
         if not path.is_file():
             raise EffdlError(f"backbone weights file not found: {path}")
-        body.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        # The classifier is dropped by the FPN extractor, so a file without it (or with another class count) loads.
+        state = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
+                 if not k.startswith("fc.")}
+        try:
+            missing, unexpected = body.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise EffdlError(f"{path} is not a torchvision {name} state dict: {e}") from None
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise EffdlError(f"{path} is not a torchvision {name} state dict: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
     backbone = _resnet_fpn_extractor(body, trainable_layers, returned_layers, extra_blocks)
     if gated:
         in_channels = [m[0].in_channels for m in backbone.fpn.inner_blocks]
