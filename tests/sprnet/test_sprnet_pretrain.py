@@ -27,6 +27,8 @@ def test_object_crops_cover_every_annotation_in_order(shapes):
     expected = torch.cat([shapes[i][1]["labels"] - 1 for i in range(len(shapes))])
     assert crops.shape == (len(expected), 3, 16, 16) and torch.equal(labels, expected)
     assert crops.min() >= 0 and crops.max() <= 1
+    few, _ = object_crops(shapes, size=16, max_crops=5)  # stops after the image that reaches the cap
+    assert 5 <= len(few) < len(crops) and torch.equal(few, crops[:len(few)])
 
 
 def test_object_crops_at_pixel_aligned_boxes_equal_slicing():

@@ -29,15 +29,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's detection transform norma
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def object_crops(dataset: CocoInstances, size: int = 64, context: float = 1.5) -> tuple[Tensor, Tensor]:
-    """Square crops centred on every annotated object and their 0-based class indices.
+def object_crops(dataset: CocoInstances, size: int = 64, context: float = 1.5,
+                 max_crops: int = 20_000) -> tuple[Tensor, Tensor]:
+    """Square crops centred on the annotated objects, in dataset order, and their 0-based class indices.
 
     Each crop's side is ``context`` times its box's longer side, resampled to ``size`` x ``size`` with RoIAlign
-    (parts outside the image read as zero). Returns images (N, 3, size, size) in [0, 1] and labels (N,).
-    Cost: one pass over the dataset, N * 3 * size^2 floats of memory.
+    (parts outside the image read as zero). Reading stops after the image that reaches ``max_crops``, which bounds
+    memory (20,000 crops of 64 px are about 1 GB) on large datasets such as COCO. Returns images (N, 3, size, size)
+    in [0, 1] and labels (N,). Cost: one pass over the images read, N * 3 * size^2 floats of memory.
     """
-    crops, labels = [], []
+    crops, labels, count = [], [], 0
     for index in range(len(dataset)):
+        if count >= max_crops:
+            break
         image, target = dataset[index]
         boxes = target["boxes"]
         if len(boxes) == 0:
@@ -46,6 +50,7 @@ def object_crops(dataset: CocoInstances, size: int = 64, context: float = 1.5) -
         half = (boxes[:, 2:] - boxes[:, :2]).amax(1, keepdim=True) * context / 2  # (G, 1)
         crops.append(roi_align(image[None], [torch.cat([centre - half, centre + half], 1)], size, aligned=True))
         labels.append(target["labels"] - 1)
+        count += len(boxes)
     if not crops:
         raise EffdlError(f"{dataset.ann_file} has no annotated objects to pretrain a backbone on")
     return torch.cat(crops), torch.cat(labels)
