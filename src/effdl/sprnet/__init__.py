@@ -2,7 +2,8 @@
 
 ``model.py`` (SPRNet, gated FPN, the baselines by name), ``spr_head.py`` (the
 mask branch and its loss), ``data.py`` (COCO-format datasets, synthetic
-shapes), ``evaluate.py`` (COCO AP, overlays), ``train.py`` (train / eval / predict).
+shapes), ``evaluate.py`` (COCO AP, overlays), ``pretrain.py`` (a backbone from object crops
+where ImageNet weights are unavailable), ``train.py`` (train / eval / predict).
 """
 
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
@@ -15,6 +16,7 @@ from effdl.sprnet.model import (
     sprnet_resnet18_fpn,
     sprnet_resnet50_fpn,
 )
+from effdl.sprnet.pretrain import object_crops, pretrain_backbone
 from effdl.sprnet.spr_head import SPRMaskHead
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "evaluate_coco",
     "evaluate_model",
     "load_image",
+    "object_crops",
+    "pretrain_backbone",
     "sprnet_resnet18_fpn",
     "sprnet_resnet50_fpn",
     "write_shapes_dataset",
