@@ -48,9 +48,9 @@ def pretrained_backbone(args: argparse.Namespace) -> str | None:
     return str(path)
 
 
-def train_all(args: argparse.Namespace) -> dict[str, DetectionTrainConfig]:
-    """Train (or resume) each model with the same config apart from the model; returns the configs by name."""
-    configs = {}
+def train_all(args: argparse.Namespace) -> tuple[dict[str, DetectionTrainConfig], dict[str, list[dict]]]:
+    """Train (or resume) each model with the same config apart from the model; returns configs and histories by name."""
+    configs, histories = {}, {}
     weights_backbone = pretrained_backbone(args)
     for name in MODELS:
         cfg = DetectionTrainConfig(model=f"sprnet_{args.backbone}_fpn" if name == "sprnet" else name,
@@ -60,15 +60,16 @@ def train_all(args: argparse.Namespace) -> dict[str, DetectionTrainConfig]:
                                    batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                                    maskrcnn_rois_per_image=args.maskrcnn_rois, weights_backbone=weights_backbone,
                                    out_dir=f"runs/bench-sprnet/{name}")
-        train_detector(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
-        configs[cfg.model] = cfg
-    return configs
+        result = train_detector(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
+        configs[cfg.model], histories[cfg.model] = cfg, result.history
+    return configs, histories
 
 
 def latency(configs: dict[str, DetectionTrainConfig], sizes: list[int], repeat: int,
             device: str) -> dict[int, dict[str, float]]:
     """Median seconds per image at each size, per model (trained weights, batch 1, eval mode)."""
-    val = load_dataset(next(iter(configs.values())), next(iter(configs.values())).val_split)
+    first = next(iter(configs.values()))
+    val = load_dataset(first, first.val_split)
     images = [val[i][0].to(device) for i in range(min(len(val), repeat))]
     models = {name: load_detector(cfg.out_dir, device=device)[0] for name, cfg in configs.items()}
     medians = {}
@@ -111,10 +112,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    configs = train_all(args)
-    states = {name: torch.load(resumable_checkpoint(cfg.out_dir, name, dataclasses.asdict(cfg)),
-                               weights_only=True) for name, cfg in configs.items()}
-    metrics = {name: state["history"][-1]["metrics"] for name, state in states.items()}
+    configs, histories = train_all(args)
+    metrics = {name: history[-1]["metrics"] for name, history in histories.items()}
     seconds = latency(configs, args.latency_sizes, args.repeat, args.device)
 
     spr, mrcnn, retina = configs
@@ -132,7 +131,7 @@ def main() -> None:
     report("sprnet_vs_maskrcnn", title,
            ["model", "box AP", "box AP50", "mask AP", "mask AP50", *(f"ms @{s}px" for s in args.latency_sizes)],
            rows, extra={"args": vars(args), "metrics": metrics, "latency_s": seconds,
-                        "history": {n: s["history"] for n, s in states.items()}})
+                        "history": histories})
     report("sprnet_latency_ratios", "SPRNet latency relative to the baselines (targets: <= 0.6x Mask R-CNN, "
            "<= 1.25x RetinaNet)", ["size", "SPRNet / Mask R-CNN", "SPRNet / RetinaNet"], ratio_rows)
     size = args.latency_sizes[0]

@@ -17,7 +17,7 @@
     effdl sprnet train [--data shapes|PATH] [--model sprnet_resnet18_fpn|maskrcnn|retinanet] [--epochs N] ...
     effdl sprnet eval --checkpoint FILE|DIR [--data PATH --split val2017]
     effdl sprnet predict IMAGE --checkpoint FILE|DIR [--out overlay.png]
-    effdl sprnet pretrain [--data shapes|PATH] [--backbone resnet18] [--steps 300] --out FILE
+    effdl sprnet pretrain [--data shapes|PATH] [--backbone resnet18] [--steps 300] [--out FILE]
     effdl flover serve [--model DIR|preset] [--port 8000] [--max-slots 16] [--policy fused] [--tp N under torchrun]
 
 Bad input (``EffdlError``) prints one line and exits with status 2.
@@ -149,10 +149,11 @@ def _sprnet_pretrain(args: argparse.Namespace) -> None:
 
     cfg = DetectionTrainConfig(data=args.data, shapes_train_images=args.shapes_train_images)
     state, accuracy = pretrain_backbone(load_dataset(cfg, args.split or cfg.train_split), args.backbone, args.steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, args.out)
-    print(f"{args.backbone} crop accuracy {100 * accuracy:.1f}%; weights written to {args.out} "
-          f"(use --weights-backbone {args.out})")
+    out = args.out or Path(f"runs/backbone-{args.backbone}.pth")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    print(f"{args.backbone} crop accuracy {100 * accuracy:.1f}%; weights written to {out} "
+          f"(use --weights-backbone {out})")
 
 
 def _sprnet_eval(args: argparse.Namespace) -> None:
@@ -439,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--shapes-images", dest="shapes_train_images", type=int, default=1000)
     pb.add_argument("--backbone", default="resnet18", help="resnet18 (default) or resnet50")
     pb.add_argument("--steps", type=int, default=300, help="batches of 64 crops (default 300)")
-    pb.add_argument("--out", type=Path, default=Path("runs/backbone-resnet18.pth"))
+    pb.add_argument("--out", type=Path, help="(default runs/backbone-BACKBONE.pth)")
     pb.set_defaults(run=_sprnet_pretrain)
 
     fpdt = systems.add_parser("fpdt", help="train on very long sequences (FPDT: chunk pipeline + offload)"

@@ -85,7 +85,8 @@ def pretrain_backbone(dataset: CocoInstances, backbone: str = "resnet18", steps:
         for step in range(1, steps + 1):
             batch = torch.randint(len(images), (batch_size,), generator=generator)
             flip = torch.rand(batch_size, generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], images[batch].flip(-1), images[batch])
+            x = images[batch]
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
             loss = F.cross_entropy(net(x), labels[batch], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
