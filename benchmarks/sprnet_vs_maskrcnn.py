@@ -26,7 +26,7 @@ import torch
 from harness import RESULTS, report, resumable_checkpoint, time_interleaved
 
 from effdl.report import line_plot
-from effdl.sprnet.pretrain import pretrain_backbone
+from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
 from effdl.sprnet.train import DetectionTrainConfig, load_dataset, load_detector, train_detector
 
 MODELS = ("sprnet", "maskrcnn", "retinanet")  # the baselines on the same --backbone
@@ -43,14 +43,13 @@ def pretrained_backbone(args: argparse.Namespace) -> str | None:
                                    shapes_val_images=args.val_images, shapes_image_size=args.image_size)
         state, accuracy = pretrain_backbone(load_dataset(cfg, cfg.train_split), args.backbone, args.pretrain_steps)
         print(f"pretrained {args.backbone} on object crops: {100 * accuracy:.1f}% crop accuracy")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, path)
+        save_backbone(state, path)
     return str(path)
 
 
-def train_all(args: argparse.Namespace) -> tuple[dict[str, DetectionTrainConfig], dict[str, list[dict]]]:
-    """Train (or resume) each model with the same config apart from the model; returns configs and histories by name."""
-    configs, histories = {}, {}
+def train_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list[dict]]]:
+    """Train (or resume) each model with the same config apart from the model; final checkpoints and histories."""
+    checkpoints, histories = {}, {}
     weights_backbone = pretrained_backbone(args)
     for name in MODELS:
         cfg = DetectionTrainConfig(model=f"sprnet_{args.backbone}_fpn" if name == "sprnet" else name,
@@ -60,18 +59,19 @@ def train_all(args: argparse.Namespace) -> tuple[dict[str, DetectionTrainConfig]
                                    batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                                    maskrcnn_rois_per_image=args.maskrcnn_rois, weights_backbone=weights_backbone,
                                    out_dir=f"runs/bench-sprnet/{name}")
-        result = train_detector(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
-        configs[cfg.model], histories[cfg.model] = cfg, result.history
-    return configs, histories
+        resume = resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg))
+        result = train_detector(cfg, resume=resume)
+        checkpoints[cfg.model], histories[cfg.model] = result.checkpoint or resume, result.history
+    return checkpoints, histories
 
 
-def latency(configs: dict[str, DetectionTrainConfig], sizes: list[int], repeat: int,
-            device: str) -> dict[int, dict[str, float]]:
+def latency(checkpoints: dict[str, Path], sizes: list[int], repeat: int, device: str) -> dict[int, dict[str, float]]:
     """Median seconds per image at each size, per model (trained weights, batch 1, eval mode)."""
-    first = next(iter(configs.values()))
-    val = load_dataset(first, first.val_split)
+    loaded = {name: load_detector(path, device=device) for name, path in checkpoints.items()}
+    models = {name: model for name, (model, _, _) in loaded.items()}
+    cfg = next(iter(loaded.values()))[1]
+    val = load_dataset(cfg, cfg.val_split)
     images = [val[i][0].to(device) for i in range(min(len(val), repeat))]
-    models = {name: load_detector(cfg.out_dir, device=device)[0] for name, cfg in configs.items()}
     medians = {}
     for size in sizes:
         calls = {}
@@ -112,13 +112,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    configs, histories = train_all(args)
+    checkpoints, histories = train_all(args)
     metrics = {name: history[-1]["metrics"] for name, history in histories.items()}
-    seconds = latency(configs, args.latency_sizes, args.repeat, args.device)
+    seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)
 
-    spr, mrcnn, retina = configs
+    spr, mrcnn, retina = checkpoints
     rows = []
-    for name in configs:
+    for name in checkpoints:
         box, mask = metrics[name]["bbox"], metrics[name].get("segm")
         mask_ap = ("-", "-") if mask is None else (f"{100 * mask['AP']:.1f}", f"{100 * mask['AP50']:.1f}")
         rows.append((name, f"{100 * box['AP']:.1f}", f"{100 * box['AP50']:.1f}", *mask_ap,
@@ -136,7 +136,7 @@ def main() -> None:
            "<= 1.25x RetinaNet)", ["size", "SPRNet / Mask R-CNN", "SPRNet / RetinaNet"], ratio_rows)
     size = args.latency_sizes[0]
     points = {name: ([1e3 * seconds[size][name]], [100 * (metrics[name].get("segm") or metrics[name]["bbox"])["AP"]])
-              for name in configs}  # mask AP; box AP for RetinaNet
+              for name in checkpoints}  # mask AP; box AP for RetinaNet
     line_plot(RESULTS / "sprnet_vs_maskrcnn.png", points, title=f"AP vs latency at {size}px (mask AP; box AP for "
               "RetinaNet)", xlabel=f"ms per image, {args.device}", ylabel="COCO AP (%)")
 

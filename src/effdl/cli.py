@@ -142,16 +142,12 @@ def _sprnet_train(args: argparse.Namespace) -> None:
 
 
 def _sprnet_pretrain(args: argparse.Namespace) -> None:
-    import torch
-
-    from effdl.sprnet.pretrain import pretrain_backbone
+    from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
     from effdl.sprnet.train import DetectionTrainConfig, load_dataset
 
     cfg = DetectionTrainConfig(data=args.data, shapes_train_images=args.shapes_train_images)
     state, accuracy = pretrain_backbone(load_dataset(cfg, args.split or cfg.train_split), args.backbone, args.steps)
-    out = args.out or Path(f"runs/backbone-{args.backbone}.pth")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    out = save_backbone(state, args.out or Path(f"runs/backbone-{args.backbone}.pth"))
     print(f"{args.backbone} crop accuracy {100 * accuracy:.1f}%; weights written to {out} "
           f"(use --weights-backbone {out})")
 
@@ -342,6 +338,21 @@ def _add_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--resume", help="checkpoint folder (or run folder) to continue from exactly")
 
 
+def _add_epoch_train_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    """The options shared by the epoch-based trainers (soft, sprnet). ``defaults`` are their config's, for the help
+    only (importing the configs would load timm and torchvision on every ``effdl`` call)."""
+    parser.add_argument("--epochs", type=float, help=f"epochs, fractions allowed (default {defaults['epochs']:g})")
+    parser.add_argument("--batch-size", dest="batch_size", type=int,
+                        help=f"images per step (default {defaults['batch_size']})")
+    parser.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default {defaults['lr']:g})")
+    parser.add_argument("--out", dest="out_dir", help=f"checkpoint folder (default {defaults['out_dir']})")
+    parser.add_argument("--seed", type=int, help="data order and init seed (default 0)")
+    parser.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
+    parser.add_argument("--max-time", dest="max_time_s", type=float,
+                        help="stop after this many seconds (and evaluate)")
+    parser.add_argument("--resume", help="checkpoint (.pth) or run folder (its newest) to continue from exactly")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="effdl", description="Efficient deep learning systems in PyTorch.")
     systems = parser.add_subparsers(dest="system", required=True, metavar="{demo,lm,soft,sprnet,fpdt,exflow,flover}")
@@ -378,19 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--model", help="timm model name (default soft_tiny)")
     st.add_argument("--data", help="dataset (default fashion-mnist)")
     st.add_argument("--img-size", dest="img_size", type=int, help="input size in pixels (default 64)")
-    st.add_argument("--epochs", type=float, help="epochs, fractions allowed (default 10)")
-    st.add_argument("--batch-size", dest="batch_size", type=int, help="images per step (default 128)")
-    st.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    _add_epoch_train_args(st, dict(epochs=10, batch_size=128, lr=1e-3, out_dir="runs/soft"))
     st.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0.05)")
     st.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, help="linear warmup (default 1)")
     st.add_argument("--label-smoothing", dest="label_smoothing", type=float, help="(default 0.1)")
     st.add_argument("--train-subset", dest="train_subset", type=int, help="first N training images (0 = all)")
     st.add_argument("--eval-subset", dest="eval_subset", type=int, help="first N test images (0 = all)")
-    st.add_argument("--out", dest="out_dir", help="checkpoint folder (default runs/soft)")
-    st.add_argument("--seed", type=int)
-    st.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
-    st.add_argument("--max-time", dest="max_time_s", type=float, help="stop after this many seconds")
-    st.add_argument("--resume", help="checkpoint (.pth) to continue from exactly")
     st.add_argument("--baseline", help="also train this timm model with the same recipe, side by side")
     st.set_defaults(run=_soft_train)
     se = soft.add_parser("eval", help="top-1 of a checkpoint written by `effdl soft train`")
@@ -408,18 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--train-split", dest="train_split", help="(default train; COCO: train2017)")
     pt.add_argument("--val-split", dest="val_split", help="(default val; COCO: val2017)")
     pt.add_argument("--shapes-images", dest="shapes_train_images", type=int, help="synthetic training images")
-    pt.add_argument("--epochs", type=float, help="(default 12)")
-    pt.add_argument("--batch-size", dest="batch_size", type=int, help="(default 4)")
-    pt.add_argument("--lr", type=float, help="AdamW peak learning rate (default 1e-4)")
+    _add_epoch_train_args(pt, dict(epochs=12, batch_size=4, lr=1e-4, out_dir="runs/sprnet"))
     pt.add_argument("--min-size", dest="min_size", type=int, help="resize shorter side to (default 128)")
     pt.add_argument("--max-size", dest="max_size", type=int, help="longer side at most (default 128)")
     pt.add_argument("--smallest-anchor", dest="smallest_anchor", type=int, help="P3 anchor px (default 16)")
     pt.add_argument("--weights-backbone", dest="weights_backbone", help="local torchvision ResNet state dict")
     pt.add_argument("--eval-images", dest="eval_images", type=int, help="first N validation images (0 = all)")
-    pt.add_argument("--out", dest="out_dir", help="checkpoint folder (default runs/sprnet)")
-    pt.add_argument("--seed", type=int)
-    pt.add_argument("--device", help="auto, cpu, cuda ... (default auto)")
-    pt.add_argument("--resume", help="checkpoint (.pth) or run folder to continue from exactly")
     pt.set_defaults(run=_sprnet_train)
     pe = sprnet.add_parser("eval", help="COCO box and mask AP of a checkpoint")
     pe.add_argument("--checkpoint", required=True, help="checkpoint (.pth) or run folder (its newest)")

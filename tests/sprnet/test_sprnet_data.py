@@ -172,6 +172,15 @@ def test_collate_returns_lists(shapes):
     assert torch.equal(images[1], ds[1][0])
 
 
+def test_head_is_the_first_images_and_leaves_the_dataset_whole(shapes):
+    root, _ = shapes
+    ds = CocoInstances(root)
+    first = ds.head(3)
+    assert len(first) == 3 and first.image_ids == ds.image_ids[:3] and len(ds) == 200
+    assert torch.equal(first[2][1]["boxes"], ds[2][1]["boxes"])
+    assert len(ds.head(0)) == len(ds.head(10_000)) == 200
+
+
 # --------------------------------------------------------------------------- hand-made COCO files
 
 H, W = 24, 32

@@ -15,7 +15,6 @@ up to 2 px, horizontal flip) and resizing to ``img_size`` run per batch there.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 
 import effdl.soft  # noqa: F401  (registers soft_* with timm)
 from effdl.core.data import fashion_mnist
+from effdl.core.epochs import epoch_batches, read_run_checkpoint, save_run_checkpoint
 from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 
@@ -156,22 +156,18 @@ def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
 
     result, step = ImageTrainResult(step=0), 0
     if resume is not None:
-        state = _read_checkpoint(resume, device)
+        state = read_checkpoint(resume, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, result.history = state["step"], state["history"]
 
-    out_dir = Path(cfg.out_dir)
-    started, start_step, order = time.perf_counter(), step, None
+    started, start_step = time.perf_counter(), step
+    batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
     with TrainProgress(total_steps, step, description=cfg.model, enabled=progress, unit="img/s",
                        val_label="top-1") as bar:
         model.train()
         while step < total_steps:
-            # Batch order and augmentation are pure functions of (seed, step): resuming is exact.
-            epoch, within = divmod(step, steps_per_epoch)
-            if within == 0 or order is None:
-                order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            index = order[within * cfg.batch_size:(within + 1) * cfg.batch_size].to(device)
+            index = next(batches).to(device)
             augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
             x, y = train_data.batch(index, augment=True, generator=augment_rng)
             lr = warmup_cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
@@ -186,40 +182,27 @@ def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
                 metrics = evaluate_classifier(model, test_data, device)
                 result.history.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
                                        **metrics})
-                result.checkpoint = _save(model, optimizer, cfg, result, step, out_dir)
+                result.checkpoint = save_run_checkpoint(cfg.out_dir, cfg.model, step, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": dataclasses.asdict(cfg), "history": result.history})
             bar.update(step, loss.item(), result.images_per_s, result.history[-1]["top1"] if result.history else None)
     result.step = step
     return result
 
 
-def _save(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ImageTrainConfig, result: ImageTrainResult,
-          step: int, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{cfg.model}-step{step:06d}.pth"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg), "history": result.history}, path)
-    (out_dir / f"{cfg.model}-history.json").write_text(json.dumps(result.history, indent=1))
-    return path
-
-
-def _read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise EffdlError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(state, dict) or not {"model", "config", "optimizer", "step"} <= state.keys():
-        raise EffdlError(f"{path} is not a checkpoint written by `effdl soft train`")
-    return state
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint of ``train_classifier``: a .pth file or a run folder (its newest)."""
+    return read_run_checkpoint(path, {"model", "config", "optimizer"}, "effdl soft train", device)
 
 
 def load_checkpoint_config(path: str | Path, **overrides: object) -> ImageTrainConfig:
     """The config a checkpoint was trained with, with ``overrides`` (e.g. more ``epochs``) applied."""
-    return ImageTrainConfig(**{**_read_checkpoint(path)["config"], **overrides})
+    return ImageTrainConfig(**{**read_checkpoint(path)["config"], **overrides})
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ImageTrainConfig]:
     """A model saved by ``train_classifier`` and the config it was trained with."""
-    state = _read_checkpoint(path, device)
+    state = read_checkpoint(path, device)
     cfg = ImageTrainConfig(**state["config"])
     model = create_classifier(cfg.model, cfg.img_size).to(device)
     model.load_state_dict(state["model"])

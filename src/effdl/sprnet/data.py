@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
+import copy
 import io
 import json
 import math
@@ -284,6 +285,12 @@ class CocoInstances(Dataset):
         self.category_names: list[str] = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.cat_id_to_label: dict[int, int] = {cat_id: i + 1 for i, cat_id in enumerate(self.cat_ids)}
         self.num_classes = len(self.cat_ids) + 1
+
+    def head(self, n: int) -> CocoInstances:
+        """The first ``n`` images (all if ``n`` is 0 or more than there are), sharing this dataset's index."""
+        subset = copy.copy(self)
+        subset.image_ids = self.image_ids[:n] if n > 0 else list(self.image_ids)
+        return subset
 
     def label_to_cat_id(self, label: int) -> int:
         """The COCO category id of contiguous label ``label`` (1..K)."""

@@ -10,7 +10,7 @@ import torch
 from effdl.demo import StageReport
 from effdl.report import markdown_table
 from effdl.sprnet.evaluate import METRIC_NAMES, draw_overlay, format_metrics, save_overlay
-from effdl.sprnet.pretrain import pretrain_backbone
+from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
 from effdl.sprnet.train import DetectionTrainConfig, load_dataset, load_detector, train_detector
 
 
@@ -25,9 +25,7 @@ def sprnet_stage(out_dir: Path, quick: bool) -> StageReport:
         cfg = dataclasses.replace(cfg, shapes_train_images=8, shapes_val_images=4, epochs=1, max_time_s=None)
         pretrain_steps = 2
     state, crop_accuracy = pretrain_backbone(load_dataset(cfg, cfg.train_split), steps=pretrain_steps)
-    backbone = out_dir / "sprnet" / "backbone-resnet18.pth"
-    backbone.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, backbone)
+    backbone = save_backbone(state, out_dir / "sprnet" / "backbone-resnet18.pth")
     result = train_detector(dataclasses.replace(cfg, weights_backbone=str(backbone)))
     model, _, names = load_detector(result.checkpoint, device="cpu")
     val = load_dataset(cfg, cfg.val_split)

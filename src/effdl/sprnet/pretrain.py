@@ -15,6 +15,7 @@ data, pass ImageNet weights from a local file instead (``weights_backbone``).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -97,3 +98,11 @@ def pretrain_backbone(dataset: CocoInstances, backbone: str = "resnet18", steps:
     with torch.no_grad():
         accuracy = (net(images[:2048]).argmax(1) == labels[:2048]).float().mean().item()
     return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, accuracy
+
+
+def save_backbone(state: dict[str, Tensor], path: str | Path) -> Path:
+    """Write a ``pretrain_backbone`` state dict to ``path`` (folders created), for ``--weights-backbone``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path

@@ -11,7 +11,6 @@ continues exactly. A checkpoint holds the config and category names, so
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from effdl.core.data import cache_dir
+from effdl.core.epochs import epoch_batches, read_run_checkpoint, save_run_checkpoint
 from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
@@ -137,18 +137,14 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
         optimizer.load_state_dict(state["optimizer"])
         step, result.history = state["step"], state["history"]
 
-    started, start_step, order = time.perf_counter(), step, None
+    started, start_step = time.perf_counter(), step
+    batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
     with TrainProgress(total_steps, step, description=cfg.model, enabled=progress, unit="img/s",
                        val_label="mask AP" if "retinanet" not in cfg.model else "box AP") as bar:
         model.train()
         while step < total_steps:
-            # Batch order and flips are functions of (seed, step), so a resumed run continues exactly.
-            epoch, within = divmod(step, steps_per_epoch)
-            if within == 0 or order is None:
-                order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            images, targets = collate([train_data[int(i)] for i in
-                                       order[within * cfg.batch_size:(within + 1) * cfg.batch_size]])
+            torch.manual_seed(cfg.seed * 1_000_003 + step)  # flips: a function of (seed, step), like the batches
+            images, targets = collate([train_data[int(i)] for i in next(batches)])
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             lr = warmup_cosine_lr(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
@@ -166,7 +162,10 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
                 metrics = evaluate(model, val_data, cfg, device)
                 result.history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
                                        "metrics": metrics})
-                result.checkpoint = save_checkpoint(model, optimizer, cfg, train_data.category_names, result, step)
+                result.checkpoint = save_run_checkpoint(cfg.out_dir, cfg.model, step, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "config": dataclasses.asdict(cfg), "category_names": train_data.category_names,
+                    "history": result.history})
                 model.train()
             bar.update(step, loss.item(), result.images_per_s, _headline(result.metrics))
     result.step = step
@@ -179,17 +178,9 @@ def _total_loss(model: nn.Module, images: list[torch.Tensor], targets: list[dict
 
 def evaluate(model: nn.Module, dataset: CocoInstances, cfg: DetectionTrainConfig,
              device: torch.device) -> dict[str, dict[str, float]]:
-    if cfg.eval_images:
-        dataset = _subset(dataset, cfg.eval_images)
     with autocast_for(device):
-        return evaluate_model(model, dataset, batch_size=cfg.batch_size, device=device, progress=False)
-
-
-def _subset(dataset: CocoInstances, n: int) -> CocoInstances:
-    """The first ``n`` images of ``dataset`` (a shallow copy; evaluation only scores ``image_ids``)."""
-    subset = type(dataset).__new__(type(dataset))
-    subset.__dict__.update(dataset.__dict__, image_ids=dataset.image_ids[:n])
-    return subset
+        return evaluate_model(model, dataset.head(cfg.eval_images), batch_size=cfg.batch_size, device=device,
+                              progress=False)
 
 
 def _headline(metrics: dict[str, dict[str, float]]) -> float | None:
@@ -198,31 +189,9 @@ def _headline(metrics: dict[str, dict[str, float]]) -> float | None:
     return None if chosen is None else 100 * chosen["AP"]
 
 
-def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: DetectionTrainConfig,
-                    category_names: list[str], result: DetectionTrainResult, step: int) -> Path:
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{cfg.model}-step{step:06d}.pth"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "config": dataclasses.asdict(cfg), "category_names": category_names, "history": result.history},
-               path)
-    (out_dir / f"{cfg.model}-history.json").write_text(json.dumps(result.history, indent=1))
-    return path
-
-
 def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():  # a run folder: its newest checkpoint
-        found = sorted(path.glob("*-step*.pth"))
-        if not found:
-            raise EffdlError(f"{path} holds no checkpoint (*-step*.pth)")
-        path = found[-1]
-    if not path.is_file():
-        raise EffdlError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(state, dict) or not {"model", "config", "category_names", "step"} <= state.keys():
-        raise EffdlError(f"{path} is not a checkpoint written by `effdl sprnet train`")
-    return state
+    """A checkpoint of ``train_detector``: a .pth file or a run folder (its newest)."""
+    return read_run_checkpoint(path, {"model", "config", "category_names"}, "effdl sprnet train", device)
 
 
 def load_detector(path: str | Path, device: str = "auto", **overrides: Any) -> tuple[nn.Module,
