@@ -417,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--max-size", dest="max_size", type=int, help="longer side at most (default 128)")
     pt.add_argument("--smallest-anchor", dest="smallest_anchor", type=int, help="P3 anchor px (default 16)")
     pt.add_argument("--weights-backbone", dest="weights_backbone", help="local torchvision ResNet state dict")
+    pt.add_argument("--eval-every", dest="eval_every", type=int, help="epochs between validation passes (default 1)")
     pt.add_argument("--eval-images", dest="eval_images", type=int, help="first N validation images (0 = all)")
     pt.set_defaults(run=_sprnet_train)
     pe = sprnet.add_parser("eval", help="COCO box and mask AP of a checkpoint")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from effdl.errors import EffdlError
 
@@ -42,6 +42,13 @@ def save_run_checkpoint(out_dir: str | Path, name: str, step: int, state: dict[s
     torch.save({**state, "step": step}, path)
     (out_dir / f"{name}-history.json").write_text(json.dumps(state["history"], indent=1))
     return path
+
+
+def restore_run(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
+    """Load a run checkpoint's weights and optimizer state into ``model`` and ``optimizer``; return (step, history)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["history"]
 
 
 def read_run_checkpoint(path: str | Path, required: set[str], writer: str,

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from effdl.core.data import cache_dir
-from effdl.core.epochs import epoch_batches, read_run_checkpoint, save_run_checkpoint
+from effdl.core.epochs import epoch_batches, read_run_checkpoint, restore_run, save_run_checkpoint
 from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
@@ -132,10 +132,7 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
 
     result, step = DetectionTrainResult(step=0), 0
     if resume is not None:
-        state = read_checkpoint(resume, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, result.history = state["step"], state["history"]
+        step, result.history = restore_run(read_checkpoint(resume, device), model, optimizer)
 
     started, start_step = time.perf_counter(), step
     batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
