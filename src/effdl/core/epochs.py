@@ -18,13 +18,18 @@ from torch import Tensor, nn
 from effdl.errors import EffdlError
 
 
+def epoch_steps(num_items: int, batch_size: int) -> int:
+    """Steps in one epoch of ``epoch_batches``: full batches only (a ragged tail is skipped), at least one."""
+    return max(1, num_items // batch_size)
+
+
 def epoch_batches(num_items: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[Tensor]:
     """Endless item-index batches from step ``start_step`` on; epoch e walks a permutation seeded by ``seed + e``.
 
-    Each epoch has ``max(1, num_items // batch_size)`` steps (a ragged tail is skipped), so a run resumed at any
-    step sees exactly the batches an uninterrupted run would. Cost: one ``randperm(num_items)`` per epoch.
+    Each epoch has ``epoch_steps(num_items, batch_size)`` steps, so a run resumed at any step sees exactly the
+    batches an uninterrupted run would. Cost: one ``randperm(num_items)`` per epoch.
     """
-    steps_per_epoch = max(1, num_items // batch_size)
+    steps_per_epoch = epoch_steps(num_items, batch_size)
     step, order = start_step, None
     while True:
         epoch, within = divmod(step, steps_per_epoch)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import effdl.soft  # noqa: F401  (registers soft_* with timm)
 from effdl.core.data import fashion_mnist
-from effdl.core.epochs import epoch_batches, read_run_checkpoint, restore_run, save_run_checkpoint
+from effdl.core.epochs import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
 from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 
@@ -150,7 +150,7 @@ def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
     train_data, test_data = load_split(cfg, True, device), load_split(cfg, False, device)
     model = create_classifier(cfg.model, cfg.img_size).to(device)
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, len(train_data) // cfg.batch_size)
+    steps_per_epoch = epoch_steps(len(train_data), cfg.batch_size)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
 

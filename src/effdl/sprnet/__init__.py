@@ -16,7 +16,7 @@ from effdl.sprnet.model import (
     sprnet_resnet18_fpn,
     sprnet_resnet50_fpn,
 )
-from effdl.sprnet.pretrain import object_crops, pretrain_backbone
+from effdl.sprnet.pretrain import object_crops, pretrain_backbone, save_backbone
 from effdl.sprnet.spr_head import SPRMaskHead
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "load_image",
     "object_crops",
     "pretrain_backbone",
+    "save_backbone",
     "sprnet_resnet18_fpn",
     "sprnet_resnet50_fpn",
     "write_shapes_dataset",
