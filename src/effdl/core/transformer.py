@@ -114,28 +114,39 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, qkv_out, bias=cfg.qkv_bias, device=device, dtype=dtype)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: tuple[Tensor, Tensor] | None, write_idx: Tensor | None) -> Tensor:
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed input (B, T, D) -> roped q (B, H, T, Dh), roped k (B, K, T, Dh), v (B, K, T, Dh).
+
+        The seam that every attention variant (cached decode, FPDT's chunks, ExFlow's ranks) starts from.
+        """
         B, T, _ = x.shape
         H, K, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = self.wqkv(x).split([H * Dh, K * Dh, K * Dh], dim=-1)  # (B, T, H*Dh), (B, T, K*Dh) x2
         q = q.view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
         k = k.view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
         v = v.view(B, T, K, Dh).transpose(1, 2)  # (B, K, T, Dh)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def out(self, o: Tensor) -> Tensor:
+        """Attention output (B, H, T, Dh) -> the block's residual update (B, T, D)."""
+        B, H, T, Dh = o.shape
+        return self.wo(o.transpose(1, 2).reshape(B, T, H * Dh))  # (B, T, D)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+                cache: tuple[Tensor, Tensor] | None, write_idx: Tensor | None) -> Tensor:
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             cache_k, cache_v = cache  # (B, K, S_max, Dh) each
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]  # (B, 1)
             cache_k[rows, :, write_idx] = k.transpose(1, 2)  # cache_k[b, :, write_idx[b, t]] = k[b, :, t]
             cache_v[rows, :, write_idx] = v.transpose(1, 2)
             kv_len = mask.shape[-1]
             k, v = cache_k[:, :, :kv_len], cache_v[:, :, :kv_len]  # (B, K, S, Dh)
 
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=H != K
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads
         )  # (B, H, T, Dh)
-        return self.wo(out.transpose(1, 2).reshape(B, T, H * Dh))  # (B, T, D)
+        return self.out(out)
 
 
 class FeedForward(nn.Module):
@@ -163,10 +174,21 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, device, dtype)
 
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Block input (B, T, D) -> roped q (B, H, T, Dh), k and v (B, K, T, Dh): the attention's input side."""
+        return self.attention.qkv(self.attention_norm(x), cos, sin)
+
+    def attention_residual(self, x: Tensor, o: Tensor) -> Tensor:
+        """x (B, T, D) plus the output projection of attention output o (B, H, T, Dh)."""
+        return x + self.attention.out(o)
+
+    def ffn_residual(self, h: Tensor) -> Tensor:
+        """h (..., D) plus the feed-forward of its norm: the block's second half."""
+        return h + self.feed_forward(self.ffn_norm(h))
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: tuple[Tensor, Tensor] | None = None, write_idx: Tensor | None = None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, write_idx)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return self.ffn_residual(x + self.attention(self.attention_norm(x), cos, sin, mask, cache, write_idx))
 
 
 class Transformer(nn.Module):
@@ -198,6 +220,18 @@ class Transformer(nn.Module):
                   if getattr(layer.feed_forward, "balance_loss", None) is not None]
         return torch.stack(losses).mean() if losses else self.output.weight.new_zeros(())
 
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids (B, T) -> hidden states (B, T, D)."""
+        return self.tok_embeddings(tokens)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Final hidden states (..., D) -> logits (..., V)."""
+        return self.output(self.norm(h))
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin (B, 1, T, Dh) for absolute positions (B, T)."""
+        return rope_cos_sin(positions, self.inv_freq)
+
     def forward(self, tokens: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
                 logit_index: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) for tokens (B, T), or (B, V) at index ``logit_index[b]`` of each row when given.
@@ -215,7 +249,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = torch.zeros(B, dtype=torch.long, device=tokens.device) if positions is None else positions
         pos = start[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-        cos, sin = rope_cos_sin(pos, self.inv_freq)  # (B, 1, T, Dh) each
+        cos, sin = self.rope(pos)  # (B, 1, T, Dh) each
 
         window = self.config.sliding_window
         if cache is None:
@@ -230,10 +264,10 @@ class Transformer(nn.Module):
                 raise ValueError(f"positions + new tokens reach {kv_len}, past the KV cache length {cache.max_len}")
             mask = causal_mask(pos, kv_len, window)  # (B, 1, T, S)
 
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        h = self.embed(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             h = layer(h, cos, sin, mask, layer_cache, pos)
         if logit_index is not None:
             h = h[torch.arange(B, device=h.device), logit_index]  # (B, D)
-        return self.output(self.norm(h))  # (B, T, V) or (B, V)
+        return self.head(h)  # (B, T, V) or (B, V)
