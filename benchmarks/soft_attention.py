@@ -5,6 +5,7 @@ process's level with inputs allocated) is its own. 2 heads of 32 dims, batch 1,
 49 bottleneck tokens / landmarks (7x7, as SOFT at 224 px).
 
     python benchmarks/soft_attention.py [--max-n 50176] [--repeat 3]
+    python benchmarks/soft_attention.py --plot-only     # redraw both PNGs from results/soft_attention.json
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import math
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, report, time_interleaved
+from harness import RESULTS, add_plot_only, load_results, report, time_interleaved
 
 from effdl.report import line_plot
 from effdl.soft import nystrom_gaussian_attention
@@ -76,12 +78,33 @@ def worker(method: str, side: int, repeat: int) -> None:
     print(json.dumps({"ms": timing.median_s * 1e3, "peak_mib": max(0, peak - base) / 1024}))
 
 
+def plot(path: Path = RESULTS / "soft_attention.json") -> None:
+    """Draw soft_attention.png (time) and soft_attention_memory.png (peak memory) from the results JSON."""
+    results = load_results(path)["results"]
+    series = {method: ([int(n) for n in points], list(points.values())) for method, points in results.items()}
+    largest = max(n for ns, _ in series.values() for n in ns)
+    skipped = [method for method, (ns, _) in series.items() if largest not in ns]
+    where = f"({HEADS} heads x {DIM} dims, {LANDMARKS} landmarks, batch 1, CPU)" + "".join(
+        f"\n{method}: not run at {largest:,} tokens (its n x n scores would not fit)" for method in skipped)
+    line_plot(RESULTS / "soft_attention.png", {k: (ns, [r["ms"] for r in rs]) for k, (ns, rs) in series.items()},
+              title=f"Attention time vs tokens {where}", xlabel="tokens n (log scale)",
+              ylabel="median time per call (ms, log scale)", logx=True, logy=True)
+    line_plot(RESULTS / "soft_attention_memory.png",
+              {k: (ns, [max(r["peak_mib"], 0.1) for r in rs]) for k, (ns, rs) in series.items()},
+              title=f"Attention memory vs tokens {where}", xlabel="tokens n (log scale)",
+              ylabel="peak RSS above inputs (MiB, log scale)", logx=True, logy=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-n", type=int, default=50_176)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SIDE"), help=argparse.SUPPRESS)
+    add_plot_only(parser)
     args = parser.parse_args()
+    if args.plot_only:
+        plot()
+        return
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.repeat)
         return
@@ -112,17 +135,11 @@ def main() -> None:
         rows.append(row)
     growth = [results["soft"][b]["ms"] / results["soft"][a]["ms"] for a, b in itertools.pairwise(ns)]
     title = f"attention, {HEADS} heads x {DIM} dims, {LANDMARKS} landmarks, CPU: time / peak memory"
-    report("soft_attention", title, ["tokens n", *methods, "SDPA / SOFT"], rows,
-           extra={"results": {m: {str(n): r for n, r in v.items()} for m, v in results.items()},
-                  "soft_time_growth_per_4x_tokens": growth})
+    path = report("soft_attention", title, ["tokens n", *methods, "SDPA / SOFT"], rows,
+                  extra={"results": {m: {str(n): r for n, r in v.items()} for m, v in results.items()},
+                         "soft_time_growth_per_4x_tokens": growth})
     print("SOFT time growth per 4x tokens: " + ", ".join(f"{g:.2f}x" for g in growth))
-    line_plot(RESULTS / "soft_attention.png",
-              {m: (list(results[m]), [r["ms"] for r in results[m].values()]) for m in methods},
-              title="Attention time vs tokens (log-log)", xlabel="tokens n", ylabel="ms", logx=True, logy=True)
-    line_plot(RESULTS / "soft_attention_memory.png",
-              {m: (list(results[m]), [max(r["peak_mib"], 0.1) for r in results[m].values()]) for m in methods},
-              title="Attention peak memory vs tokens (log-log)", xlabel="tokens n", ylabel="MiB above inputs",
-              logx=True, logy=True)
+    plot(path)
 
 
 if __name__ == "__main__":

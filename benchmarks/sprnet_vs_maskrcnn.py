@@ -2,6 +2,7 @@
 
     python benchmarks/sprnet_vs_maskrcnn.py [--data shapes|COCO_DIR] [--epochs 8] [--train-images 1000]
                                             [--backbone resnet18] [--latency-sizes 128 512] [--repeat 40]
+    python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNG from results/sprnet_vs_maskrcnn.json
 
 All three start from the same backbone, pretrained by classifying the
 training split's object crops (``--pretrain-steps``; the stand-in for the
@@ -23,7 +24,7 @@ import itertools
 from pathlib import Path
 
 import torch
-from harness import RESULTS, report, resumable_checkpoint, time_interleaved
+from harness import RESULTS, add_plot_only, load_results, report, resumable_checkpoint, time_interleaved
 
 from effdl.report import line_plot
 from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
@@ -93,6 +94,22 @@ def _forward_in_turn(model: torch.nn.Module, images: list[torch.Tensor]):
     return forward
 
 
+def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
+    """Draw sprnet_vs_maskrcnn.png, AP against latency at the first latency size, from the results JSON."""
+    results = load_results(path)
+    args, size = results["args"], results["args"]["latency_sizes"][0]
+    names = {"sprnet": "SPRNet", "maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet"}
+    backbone = args["backbone"].replace("resnet", "R")
+    points = {}
+    for model, metrics in results["metrics"].items():  # mask AP; box AP for RetinaNet, which has no masks
+        kind = "segm" if "segm" in metrics else "bbox"
+        label = f"{names[model.split('_')[0]]} {backbone} ({'mask' if kind == 'segm' else 'box'} AP)"
+        points[label] = ([1e3 * results["latency_s"][str(size)][model]], [100 * metrics[kind]["AP"]])
+    line_plot(RESULTS / "sprnet_vs_maskrcnn.png", points,
+              title=f"AP vs latency at {size} px, batch 1 (up and left is better)",
+              xlabel=f"median latency per image (ms, {args['device']})", ylabel="COCO AP on validation (%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="shapes")
@@ -110,7 +127,11 @@ def main() -> None:
     parser.add_argument("--latency-sizes", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--repeat", type=int, default=40, help="timed images per model and size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_plot_only(parser)
     args = parser.parse_args()
+    if args.plot_only:
+        plot()
+        return
 
     checkpoints, histories = train_all(args)
     metrics = {name: history[-1]["metrics"] for name, history in histories.items()}
@@ -134,11 +155,7 @@ def main() -> None:
                         "history": histories})
     report("sprnet_latency_ratios", "SPRNet latency relative to the baselines (targets: <= 0.6x Mask R-CNN, "
            "<= 1.25x RetinaNet)", ["size", "SPRNet / Mask R-CNN", "SPRNet / RetinaNet"], ratio_rows)
-    size = args.latency_sizes[0]
-    points = {name: ([1e3 * seconds[size][name]], [100 * (metrics[name].get("segm") or metrics[name]["bbox"])["AP"]])
-              for name in checkpoints}  # mask AP; box AP for RetinaNet
-    line_plot(RESULTS / "sprnet_vs_maskrcnn.png", points, title=f"AP vs latency at {size}px (mask AP; box AP for "
-              "RetinaNet)", xlabel=f"ms per image, {args.device}", ylabel="COCO AP (%)")
+    plot()
 
 
 if __name__ == "__main__":
