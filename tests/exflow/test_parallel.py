@@ -2,7 +2,8 @@
 
 Greedy tokens and logits must equal full forward passes of ``Transformer``; every collective and every
 token row sent is checked against counts derived by hand, or by following each token's copies through the
-routing the single-process model chooses (a naive loop over requests, positions and layers).
+routing the single-process model chooses (a naive loop over requests, positions and layers); the bytes
+counted, against what ``all_to_all_single`` itself was handed.
 """
 
 import functools
@@ -17,7 +18,7 @@ from effdl.core.transformer import Transformer
 from effdl.dist import spawn
 from effdl.errors import EffdlError
 from effdl.exflow.affinity import transition_counts
-from effdl.exflow.parallel import PHASES, ExpertParallel
+from effdl.exflow.parallel import MODES, PHASES, ExpertParallel
 from effdl.exflow.placement import Placement, solve
 from effdl.exflow.trace import model_fingerprint
 
@@ -142,22 +143,65 @@ def _pad_limit(variant: str, cfg: ModelConfig, world: int) -> dict:
         return {}
     if variant == "exact":
         return {"pad_limit_bytes": 0}
-    # A decode message holds at most B k rows per peer of fewer than D + 8 floats; a prefill one, more rows.
+    # A decode message holds a short header and at most B k rows per peer of fewer than D + 8 floats; a
+    # prefill one, more rows (of D + 1 floats).
     home_tokens = max(sum(PROMPT_LENS[r::world]) for r in range(world))
-    assert home_tokens * (cfg.dim + 2) > len(PROMPTS) * (cfg.dim + 8)
+    assert home_tokens * (cfg.dim + 1) > len(PROMPTS) * (cfg.dim + 8)
     return {"pad_limit_bytes": 4 * world * len(PROMPTS) * cfg.experts_per_token * (cfg.dim + 8)}
+
+
+def _record_all_to_alls(calls: list[tuple[int, int]]) -> None:
+    """Make ``dist.all_to_all_single`` note, per call, the bytes it is handed: in all, and for other ranks."""
+    original = dist.all_to_all_single
+
+    def recording(output, input, output_split_sizes=None, input_split_sizes=None, **kwargs):
+        n = input.shape[0]
+        own = n // dist.get_world_size() if input_split_sizes is None else input_split_sizes[dist.get_rank()]
+        total = input.numel() * input.element_size()
+        calls.append((total, total * own // n if n else 0))
+        return original(output, input, output_split_sizes, input_split_sizes, **kwargs)
+
+    dist.all_to_all_single = recording
 
 
 def _rank_generate(rank: int, cases: list[tuple[str, str, Placement | None, str, int]]):
     torch.set_num_threads(1)  # as in _one_thread
+    calls: list[tuple[int, int]] = []
+    _record_all_to_alls(calls)
     results = []
     for name, mode, placement, variant, n_requests in cases:
         limit = _pad_limit(variant, ModelConfig.preset(name), dist.get_world_size())
+        calls.clear()
         gen = ExpertParallel(_model(name), mode, placement, **limit).generate(
             PROMPTS[:n_requests], NEW, return_logits=True
         )
-        results.append((gen.tokens, gen.logits.numpy(), gen.stats))
+        results.append((gen.tokens, gen.logits.numpy(), gen.stats, list(calls)))
     return results
+
+
+def _bytes_by_layer(ranks: list, n_layers: int) -> tuple[dict, dict]:
+    """Every rank's recorded all-to-alls, (bytes in all, bytes for others), summed per phase and layer.
+
+    Calls are assigned in the order ``generate`` issues them: the prefill's layers in turn, then each decode
+    step's layers in turn, each layer issuing its data all-to-alls and size exchanges (checked by hand in
+    ``_check``) back to back.
+    """
+    stats = ranks[0][2]
+    steps = {"prefill": 1, "decode": STEPS}
+    total = {phase: [0] * n_layers for phase in PHASES}
+    cross = {phase: [0] * n_layers for phase in PHASES}
+    for *_, calls in ranks:
+        it = iter(calls)
+        for phase in PHASES:
+            per_layer = [(a + s) // steps[phase]
+                         for a, s in zip(stats.all_to_all[phase], stats.size_exchanges[phase], strict=True)]
+            for _ in range(steps[phase]):
+                for layer, n_calls in enumerate(per_layer):
+                    for all_bytes, own_bytes in (next(it) for _ in range(n_calls)):
+                        total[phase][layer] += all_bytes
+                        cross[phase][layer] += all_bytes - own_bytes
+        assert next(it, None) is None  # no all-to-all outside the MoE layers
+    return total, cross
 
 
 _RUNS: dict = {}
@@ -184,7 +228,7 @@ def _check(ranks: list, world: int, name: str, mode: str, kind: str | None, vari
     cfg = ModelConfig.preset(name)
     k, n_layers, B = cfg.experts_per_token, cfg.n_layers, n_requests
     want_tokens, want_logits, _ = _reference(name)
-    for tokens, logits, _ in ranks:  # every rank returns every request
+    for tokens, logits, *_ in ranks:  # every rank returns every request
         assert tokens == want_tokens[:B]
         assert logits.shape == (NEW, B, cfg.vocab_size)
         np.testing.assert_allclose(logits, want_logits[:, :B], atol=1e-4, rtol=0)
@@ -215,6 +259,12 @@ def _check(ranks: list, world: int, name: str, mode: str, kind: str | None, vari
     assert stats.rows_cross == cross
     if world == 1:
         assert stats.rows_cross == {phase: [0] * n_layers for phase in PHASES}
+
+    # Bytes: what the collective was handed, padding, headers and size exchanges included.
+    want_total, want_cross = _bytes_by_layer(ranks, n_layers)
+    assert stats.bytes_total == want_total
+    assert stats.bytes_cross == want_cross
+    assert all(b > 0 for phase in PHASES for b in stats.bytes_total[phase])
 
     # Context syncs, all ranks together: coherent all-reduces the prompts' KV cache (fp32) once, then per
     # decode step every layer's new K/V rows and the sampled token of every request.
@@ -314,3 +364,45 @@ def test_bad_input():
         runner.generate([[1, 2], [3, 258, -1]], 3)
     with pytest.raises(EffdlError, match=r"token id -1 is outside the vocabulary \[0, 258\)"):
         runner.generate([[-1]], 3)
+
+
+# The throughput benchmark's setting: gpt-moe-16e (16 experts, top-1, dim 128) on 4 ranks, 32 requests.
+BENCH, BENCH_WORLD, BENCH_REQUESTS, BENCH_NEW = "gpt-moe-16e", 4, 32, 3
+
+
+def _rank_both_modes(rank: int, prompts: list[list[int]]):
+    torch.set_num_threads(1)  # as in _one_thread
+    return {mode: (gen.tokens, gen.stats) for mode in MODES
+            for gen in [ExpertParallel(_model(BENCH), mode).generate(prompts, BENCH_NEW)]}
+
+
+def test_coherent_sends_fewer_bytes_than_standard():
+    """In the benchmark's setting, coherent mode's one all-to-all per layer carries fewer bytes than standard's
+    two: its slots are sized by the tokens each sender holds (B/G on average), not by all B requests.
+
+    Decode bytes per layer and step, all ranks together, by hand (4-byte floats, G ranks, B requests, D dim,
+    every rank holding E/G >= 1 experts per layer, so one token lands at most once on a rank):
+    standard: each rank sends each peer a 1-value header and its B/G home tokens' slots of D + 1 (hidden,
+      expert), then every copy comes back as D values: 4 (G (G + B (D + 1)) + B D);
+    coherent: each rank sends each peer a header (its count, then the tokens continuing on every rank) and
+      slots of D + 5 (hidden, weight, request, expert, primary rank, choice) for every token it holds; the
+      held tokens add up to B whatever the routing: 4 G (G (1 + G) + B (D + 5)).
+    """
+    cfg = ModelConfig.preset(BENCH)
+    G, B, D = BENCH_WORLD, BENCH_REQUESTS, cfg.dim
+    prompts = [torch.randint(0, 258, (8,), generator=torch.Generator().manual_seed(100 + b)).tolist() for b in range(B)]
+    runs = spawn(_rank_both_modes, G, prompts, timeout_s=300)[0]
+
+    model, seqs = _model(BENCH), torch.tensor(prompts)  # the single-process reference: full forwards, greedy
+    with torch.no_grad():
+        for _ in range(BENCH_NEW):
+            seqs = torch.cat((seqs, model(seqs)[:, -1].argmax(-1, keepdim=True)), 1)
+    steps, n_layers = BENCH_NEW - 1, cfg.n_layers
+    want = {"standard": 4 * (G * (G + B * (D + 1)) + B * D), "coherent": 4 * G * (G * (1 + G) + B * (D + 5))}
+    for mode, (tokens, stats) in runs.items():
+        assert tokens == seqs[:, 8:].tolist()
+        assert stats.bytes_total["decode"] == [steps * want[mode]] * n_layers
+    standard, coherent = runs["standard"][1], runs["coherent"][1]
+    for layer in range(n_layers):
+        assert coherent.bytes_total["decode"][layer] < standard.bytes_total["decode"][layer]
+        assert coherent.bytes_cross["decode"][layer] < standard.bytes_cross["decode"][layer]

@@ -21,14 +21,20 @@ With k > 1 a token's k copies sit on up to k ranks after the experts; the copies
 experts send their weighted outputs to the primary (top-1) expert's rank, where the token continues: a
 second all-to-all, counted as "combine", that moves only tokens whose experts straddle ranks.
 
-A receiver must know how many rows it gets. Small exchanges (decode) send a fixed number of slots per
-peer with a validity column, so a dispatch is one collective; large ones (prefill) first exchange the G
-row counts (counted separately as size exchanges) and then send exactly the rows.
+A receiver must know how many rows it gets. Small exchanges (decode) send each peer a fixed number of
+slots after a header holding the rows' count, so a dispatch is one collective; large ones (prefill) first
+exchange the headers (counted separately as size exchanges) and then send exactly the rows. The slots are
+a limit every rank knows on what can arrive: the tokens the sender holds x the copies of one token that can
+land on the receiver (its k experts are distinct: at most min(k, experts the receiver holds)). Standard
+mode's tokens stay at home, so every rank knows every rank's count. Coherent mode's tokens move with their
+experts, so each dispatch's header also carries how many tokens continue on each rank: after it every rank
+knows every rank's count for the next layer, with no extra collective.
 Greedy decoding only. Results equal the single-process model's up to float summation order.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +60,10 @@ class CommStats:
     size_exchanges: dict[str, list[int]]  # row-count exchanges issued, per layer
     rows_cross: dict[str, list[int]]  # token rows sent to another rank, per layer
     rows_total: dict[str, list[int]]  # token rows sent anywhere (this rank included), per layer
+    # Bytes passed to the layer's all-to-alls for other ranks, per layer: padding, headers and size exchanges
+    # included, so this is what travels (the rows above are only the tokens in it).
+    bytes_cross: dict[str, list[int]]
+    bytes_total: dict[str, list[int]]  # the same, this rank's own share included
     kv_syncs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))  # coherent-context syncs
     kv_sync_bytes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
     comm_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))  # in collectives, waits incl.
@@ -63,7 +73,7 @@ class CommStats:
         def per_layer() -> dict[str, list[int]]:
             return {phase: [0] * n_layers for phase in PHASES}
 
-        return cls(per_layer(), per_layer(), per_layer(), per_layer())
+        return cls(per_layer(), per_layer(), per_layer(), per_layer(), per_layer(), per_layer())
 
     def merged(self, others: list[CommStats]) -> CommStats:
         """Sum of several ranks' stats (collectives are issued by every rank alike: those are taken once)."""
@@ -74,8 +84,9 @@ class CommStats:
             out.kv_syncs[phase] = self.kv_syncs[phase]
             out.comm_s[phase] = max(s.comm_s[phase] for s in others)  # the ranks wait for each other
             for s in others:
-                out.rows_cross[phase] = [a + b for a, b in zip(out.rows_cross[phase], s.rows_cross[phase], strict=True)]
-                out.rows_total[phase] = [a + b for a, b in zip(out.rows_total[phase], s.rows_total[phase], strict=True)]
+                for name in ("rows_cross", "rows_total", "bytes_cross", "bytes_total"):
+                    mine, theirs = getattr(out, name), getattr(s, name)
+                    mine[phase] = [a + b for a, b in zip(mine[phase], theirs[phase], strict=True)]
                 out.kv_sync_bytes[phase] += s.kv_sync_bytes[phase]
         return out
 
@@ -95,50 +106,81 @@ class _Comm:
     def __init__(self, stats: CommStats, rank: int, world: int, pad_limit_bytes: int):
         self.stats, self.rank, self.world, self.pad_limit_bytes = stats, rank, world, pad_limit_bytes
         self.phase, self.layer = "prefill", 0
-        # Limits every rank knows on the token rows in play: on any one home rank, and in all.
-        self.home_rows, self.all_rows = 0, 0
+        # (G,) token rows on each rank, known to every rank: the senders' side of every padding limit.
+        self.held = torch.zeros(world, dtype=torch.long)
 
-    def dispatch(self, rows: Tensor, dest: Tensor, bound: int) -> tuple[Tensor, _Route]:
-        """Send row i of ``rows`` (n, P) to rank ``dest[i]``; returns the rows received (m, P), grouped by sender.
+    def dispatch(self, rows: Tensor, dest: Tensor, slots: Tensor, notes: Tensor | None = None
+                 ) -> tuple[Tensor, _Route]:
+        """Send row i of ``rows`` (n, P) fp32 to rank ``dest[i]``; returns the rows received (m, P), grouped by sender.
 
-        ``bound``: a limit, known to every rank, on the rows one rank may send to another. When G x bound
-        rows are small (decode), rows travel in ``bound`` fixed slots per peer with a validity column: ONE
-        collective, padding instead of a size exchange, which is what a latency-bound step wants. Otherwise
-        (prefill) the G row counts are exchanged first, then exactly the rows.
+        ``slots`` (G, G): a limit, known to every rank, on the rows rank s may send rank p. ``notes`` (e,): small
+        counts this rank tells every peer; the route returns every sender's. When the largest padded message
+        is small (decode), rank s sends rank p a header (the count of real rows, then the notes) and
+        ``slots[s, p]`` rows: ONE collective, padding instead of a size exchange, which is what a latency-bound
+        step wants. Otherwise (prefill) the headers are exchanged first, then exactly the rows.
         """
+        G, P, device = self.world, rows.shape[1], rows.device
         order = dest.argsort(stable=True)  # (n,)
-        send = torch.bincount(dest, minlength=self.world)  # (G,)
-        P = rows.shape[1]
-        if self.world * bound * (P + 1) * rows.element_size() <= self.pad_limit_bytes:
-            sorted_dest = dest[order]
-            slot = torch.arange(len(order), device=rows.device) - (send.cumsum(0) - send)[sorted_dest]
-            slots = rows.new_zeros((self.world, bound, P + 1))  # (G, bound, P + valid)
-            slots[sorted_dest, slot, :P] = rows[order]
-            slots[sorted_dest, slot, P] = 1
-            arrived = self._all_to_all(slots.view(-1, P + 1), [bound] * self.world, [bound] * self.world,
-                                       send.tolist()).view(self.world, bound, P + 1)
-            valid = arrived[..., P] > 0  # (G, bound): senders fill their slots from the front
-            return arrived[valid][:, :P], _Route(order, send.tolist(), valid.sum(1).tolist())
-        recv = torch.empty_like(send)
-        self._collective(recv, send, None, None)
-        self.stats.size_exchanges[self.phase][self.layer] += 1
-        route = _Route(order, send.tolist(), recv.tolist())
-        return self._all_to_all(rows[order], route.send, route.recv, route.send), route
+        send = torch.bincount(dest, minlength=G)  # (G,)
+        notes = send.new_zeros(0) if notes is None else notes
+        header = torch.cat((send[:, None], notes.expand(G, -1)), 1)  # (G, h): what each peer is told
+        h = header.shape[1]
+        message = h + slots * P  # (G, G) values rank s sends rank p when padded
+        assert bool((send.cpu() <= slots[self.rank]).all()), "a padding limit was too small"
+        if int(message.sum(1).max()) * rows.element_size() > self.pad_limit_bytes:
+            told = self._send(header.flatten(), [h] * G, [h] * G).view(G, h)  # (G, h) from every sender
+            self.stats.size_exchanges[self.phase][self.layer] += 1
+            route = _Route(order, send.tolist(), told[:, 0].tolist(), told[:, 1:])
+            received = self._send(rows[order], route.send, route.recv)
+            self._count(route.send)
+            return received, route
+
+        out_sizes, in_sizes = message[self.rank], message[:, self.rank]  # (G,) each
+        out_start = (out_sizes.cumsum(0) - out_sizes).to(device)  # (G,) where each peer's part begins
+        flat = rows.new_zeros(int(out_sizes.sum()))  # (sum of out_sizes,): [header, slots] per peer
+        flat[out_start[:, None] + torch.arange(h, device=device)] = header.to(rows.dtype)
+        sorted_dest = dest[order]
+        slot = torch.arange(len(order), device=device) - (send.cumsum(0) - send)[sorted_dest]  # (n,) front-filled
+        first = out_start[sorted_dest] + h + slot * P  # (n,)
+        flat[first[:, None] + torch.arange(P, device=device)] = rows[order]
+        arrived = self._send(flat, out_sizes.tolist(), in_sizes.tolist())
+
+        in_start = (in_sizes.cumsum(0) - in_sizes).to(device)  # (G,)
+        told = arrived[in_start[:, None] + torch.arange(h, device=device)].long()  # (G, h) from every sender
+        recv = told[:, 0]  # (G,)
+        sender = torch.repeat_interleave(torch.arange(G, device=device), recv)  # (m,)
+        index = torch.arange(len(sender), device=device) - (recv.cumsum(0) - recv)[sender]  # (m,) within its sender
+        first = in_start[sender] + h + index * P  # (m,)
+        received = arrived[first[:, None] + torch.arange(P, device=device)]  # (m, P)
+        self._count(send.tolist())
+        return received, _Route(order, send.tolist(), recv.tolist(), told[:, 1:])
 
     def reply(self, rows: Tensor, route: _Route) -> Tensor:
         """Send the rows received through ``route`` (m, P) back to their senders, in their original order."""
-        back = self._all_to_all(rows, route.recv, route.send, route.recv)  # (n, P) in dispatch order
+        back = self._send(rows, route.recv, route.send)  # (n, P) in dispatch order
+        self._count(route.recv)
         out = torch.empty_like(back)
         out[route.order] = back
         return out
 
-    def _all_to_all(self, rows: Tensor, send: list[int], recv: list[int], real: list[int]) -> Tensor:
-        """One all-to-all of rows (sum(send), P); ``real``: the rows per peer that carry tokens (not padding)."""
-        out = rows.new_empty((sum(recv), rows.shape[1]))
-        self._collective(out, rows.contiguous(), recv, send)
+    def _count(self, real: list[int]) -> None:
+        """One data all-to-all; ``real``: the token rows it sent each peer (not padding)."""
         self.stats.all_to_all[self.phase][self.layer] += 1
         self.stats.rows_total[self.phase][self.layer] += sum(real)
         self.stats.rows_cross[self.phase][self.layer] += sum(real) - real[self.rank]
+
+    def _send(self, inp: Tensor, send: list[int], recv: list[int]) -> Tensor:
+        """One all-to-all of ``inp`` along dim 0: ``send[p]`` entries to rank p, ``recv[p]`` from it; bytes counted."""
+        out = inp.new_empty((sum(recv), *inp.shape[1:]))
+        started = time.perf_counter()
+        if dist.is_initialized():
+            dist.all_to_all_single(out, inp.contiguous(), recv, send)
+        else:  # a single process without a process group
+            out.copy_(inp)
+        self.stats.comm_s[self.phase] += time.perf_counter() - started
+        entry_bytes = math.prod(inp.shape[1:]) * inp.element_size()
+        self.stats.bytes_total[self.phase][self.layer] += sum(send) * entry_bytes
+        self.stats.bytes_cross[self.phase][self.layer] += (sum(send) - send[self.rank]) * entry_bytes
         return out
 
     def sync(self, tensor: Tensor) -> None:
@@ -150,20 +192,13 @@ class _Comm:
         self.stats.kv_syncs[self.phase] += 1
         self.stats.kv_sync_bytes[self.phase] += tensor.numel() * tensor.element_size()
 
-    def _collective(self, out: Tensor, inp: Tensor, recv: list[int] | None, send: list[int] | None) -> None:
-        started = time.perf_counter()
-        if dist.is_initialized():
-            dist.all_to_all_single(out, inp, recv, send)
-        else:  # a single process without a process group
-            out.copy_(inp)
-        self.stats.comm_s[self.phase] += time.perf_counter() - started
-
 
 @dataclass
 class _Route:
     order: Tensor  # (n,) the dispatch order of the original rows
     send: list[int]  # rows sent to each rank
     recv: list[int]  # rows received from each rank
+    notes: Tensor  # (G, e) the notes of every sender
 
 
 class ExpertParallel:
@@ -192,6 +227,7 @@ class ExpertParallel:
         self.model, self.mode, self.cfg, self.pad_limit_bytes = model.eval(), mode, cfg, pad_limit_bytes
         self.device = model.output.weight.device
         self.gpu_of = gpu_of.to(self.device)  # (L, E)
+        self.experts_on = torch.stack([torch.bincount(layer, minlength=self.world) for layer in gpu_of])  # (L, G)
         self.local_index = []  # per layer: (E,) position of each global expert in this rank's stack, -1 elsewhere
         for layer, block in zip(self.gpu_of, model.layers, strict=True):
             mine = (layer == self.rank).nonzero().flatten()  # (E/G,)
@@ -215,7 +251,7 @@ class ExpertParallel:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (B,)
         max_len = int(lengths.max()) + max_new_tokens
 
-        comm.home_rows = max(sum(len(p) for p in prompts[r::self.world]) for r in range(self.world))
+        comm.held = torch.tensor([sum(map(len, prompts[r::self.world])) for r in range(self.world)])  # prompt tokens
         started = time.perf_counter()
         local_cache = KVCache.allocate(self.cfg, len(own), max_len, self.device, self.model.output.weight.dtype)
         logits = self._prefill(comm, [prompts[b] for b in own.tolist()], local_cache)  # (B_own, V)
@@ -228,7 +264,7 @@ class ExpertParallel:
         prefill_s = time.perf_counter() - started
 
         comm.phase = "decode"
-        comm.home_rows, comm.all_rows = -(-B // self.world), B
+        comm.held = torch.tensor([len(prompts[r::self.world]) for r in range(self.world)])  # tokens start at home
         generated = [next_tokens]
         held = own  # requests whose token is on this rank (coherent: it moves with its experts)
         started = time.perf_counter()
@@ -345,8 +381,8 @@ class ExpertParallel:
         k, D = self.cfg.experts_per_token, self.cfg.dim
         weights, experts = self._route(block, x)  # (N, k) each
         payload = torch.cat((x.repeat_interleave(k, 0).float(), experts.flatten()[:, None].float()), 1)
-        bound = comm.home_rows * k  # what one home rank can send anywhere
-        received, route = comm.dispatch(payload, self.gpu_of[layer][experts.flatten()], bound)  # (m, D+1)
+        slots = self._slots(layer, comm.held, k)
+        received, route = comm.dispatch(payload, self.gpu_of[layer][experts.flatten()], slots)  # (m, D+1)
         y = self._experts(block, layer, received[:, :D].to(x.dtype), received[:, D].long())  # (m, D)
         y = comm.reply(y.float(), route).to(x.dtype).view(-1, k, D)  # (N, k, D)
         return (y * weights.to(x.dtype)[..., None]).sum(dim=1)
@@ -364,7 +400,13 @@ class ExpertParallel:
         meta = torch.stack((held[:, None].expand(-1, k), experts, primary_rank,
                             torch.arange(k, device=self.device).expand(len(held), k)), dim=-1).float()  # (n, k, 4)
         payload = torch.cat((h[:, None].expand(-1, k, D).float(), weights[..., None].float(), meta), -1)
-        received, _ = comm.dispatch(payload.flatten(0, 1), dest.flatten(), comm.all_rows * k)  # (m, D + 5)
+        # Told to every rank: the tokens that continue on each rank (and with k > 1 the secondary copies each gets).
+        tally = [torch.bincount(dest[:, 0], minlength=self.world)]
+        if k > 1:
+            tally.append(torch.bincount(dest[:, 1:].flatten(), minlength=self.world))
+        received, route = comm.dispatch(payload.flatten(0, 1), dest.flatten(), self._slots(layer, comm.held, k),
+                                        torch.cat(tally))  # (m, D + 5)
+        comm.held = route.notes[:, :self.world].sum(0).cpu()  # (G,) where the tokens are now
         h_in, weight = received[:, :D].to(h.dtype), received[:, D:D + 1].to(h.dtype)
         request, expert, to_rank, choice = received[:, D + 1:].long().unbind(1)
         y = self._experts(block, layer, block.ffn_norm(h_in), expert) * weight  # (m, D)
@@ -376,11 +418,20 @@ class ExpertParallel:
         if k > 1:  # the secondary experts' outputs join their token on its primary rank
             secondary = ~primary
             extra = torch.cat((y[secondary].float(), request[secondary, None].float()), 1)  # (s, D + 1)
-            arrived, _ = comm.dispatch(extra, to_rank[secondary], comm.all_rows * (k - 1))
+            # Rank q sends rank p the secondary outputs of tokens continuing on p: no more than q received, and
+            # no more than min(k - 1, experts on q) per token on p.
+            received_secondary = route.notes[:, self.world:].sum(0).cpu()  # (G,)
+            slots = torch.minimum(received_secondary[:, None], self._slots(layer, comm.held, k - 1).T)
+            arrived, _ = comm.dispatch(extra, to_rank[secondary], slots)
             out.index_add_(0, torch.searchsorted(now_held, arrived[:, D].long()), arrived[:, :D].to(out.dtype))
         return now_held, out
 
     # ------------------------------------------------------------------ helpers
+
+    def _slots(self, layer: int, tokens: Tensor, copies: int) -> Tensor:
+        """(G, G) limit on the rows rank s can send rank p at ``layer``: the ``tokens[s]`` it holds x the copies
+        of one token that can land on p (a token's experts are distinct, so no more than p holds)."""
+        return tokens[:, None] * self.experts_on[layer].clamp(max=copies)[None, :]
 
     def _share_rows(self, values: Tensor, rows: Tensor, n_rows: int) -> Tensor:
         """Every rank's rows of a (n_rows, ...) tensor, each filled by the one rank holding it (all-reduce)."""
