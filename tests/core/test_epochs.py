@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from effdl.core.epochs import epoch_batches, read_run_checkpoint, save_run_checkpoint
+from effdl.core.epochs import epoch_batches, read_run_checkpoint, restore_run, save_run_checkpoint
 from effdl.errors import EffdlError
 
 
@@ -39,6 +39,24 @@ def test_checkpoint_round_trip_and_newest_in_a_run_folder(tmp_path):
     newest = read_run_checkpoint(tmp_path / "run", {"model"}, "effdl x train")
     assert newest["step"] == 10 and torch.equal(newest["model"]["w"], torch.full((2,), 10))
     assert read_run_checkpoint(tmp_path / "run" / "net-step000005.pth", {"model"}, "effdl x train")["step"] == 5
+
+
+def test_restore_run_loads_weights_optimizer_and_the_loss_record(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "history": [{"step": 1}],
+             "losses": [(1, 0.5)]}
+    path = save_run_checkpoint(tmp_path, "net", 1, state)
+    fresh = torch.nn.Linear(3, 2)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters())
+    loaded = read_run_checkpoint(path, {"model"}, "effdl x train")
+    assert restore_run(loaded, fresh, fresh_optimizer) == (1, [{"step": 1}], [(1, 0.5)])
+    assert torch.equal(fresh.weight, model.weight)
+    assert torch.equal(fresh_optimizer.state[fresh.weight]["exp_avg"], optimizer.state[model.weight]["exp_avg"])
+    del loaded["losses"]  # written before per-step losses were kept
+    assert restore_run(loaded, fresh, fresh_optimizer) == (1, [{"step": 1}], [])
 
 
 def test_checkpoint_errors_are_clear(tmp_path):

@@ -148,6 +148,34 @@ def test_failed_run_leaves_no_spill_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("where", ["output", "layers.1.feed_forward.w2", "layers.0.attention.wqkv",
+                                   "tok_embeddings"])
+def test_failed_backward_removes_the_spill_folder_at_once(where, tmp_path):
+    """A gradient hook raises in the LM head's, a layer's FFN or QKV, or the embedding's backward (after the
+    pipeline's): the spill folder is gone as the error arrives, with the graph still alive, and the next step
+    computes exactly what a model that never failed does."""
+    cfg = FPDTConfig(chunk_size=128, offload="disk", spill_dir=str(tmp_path))
+    tokens, targets = _batch(seq=512)
+    model, stores = _model(), []
+
+    def explode(grad):
+        raise RuntimeError(f"{where} backward failed")
+
+    hook = model.get_submodule(where).weight.register_hook(explode)
+    loss = fpdt_loss(model, tokens, targets, cfg, on_store=stores.append)
+    assert stores[0].folder.exists()
+    with pytest.raises(RuntimeError, match=f"{where} backward failed"):
+        loss.backward()
+    assert list(tmp_path.iterdir()) == []  # `loss` still holds the graph and its store: no finalizer has run
+    hook.remove()
+    got = _loss_and_grads(lambda m, x, y: fpdt_loss(m, x, y, cfg), model, tokens, targets)
+    want = _loss_and_grads(lambda m, x, y: fpdt_loss(m, x, y, cfg), _model(), tokens, targets)
+    assert got[0] == want[0]
+    for name, grad in want[1].items():
+        assert torch.equal(got[1][name], grad), name
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_hf_llama_checkpoint_under_fpdt_matches_transformers(tmp_path):
     """A transformers Llama, saved and loaded by effdl.core.hf, trained by FPDT: HF's own loss and gradients."""
     from transformers import LlamaConfig, LlamaForCausalLM

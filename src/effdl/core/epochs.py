@@ -2,7 +2,8 @@
 
 Both resume exactly: the batch of step n is a pure function of the seed and
 n, and a checkpoint is one ``<name>-step<n>.pth`` holding weights, optimizer
-state, config and history, with the history also written beside it as JSON.
+state, config, history and every step's loss, with the history also written
+beside it as JSON.
 """
 
 from __future__ import annotations
@@ -49,11 +50,16 @@ def save_run_checkpoint(out_dir: str | Path, name: str, step: int, state: dict[s
     return path
 
 
-def restore_run(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list]:
-    """Load a run checkpoint's weights and optimizer state into ``model`` and ``optimizer``; return (step, history)."""
+def restore_run(state: dict[str, Any], model: nn.Module,
+                optimizer: torch.optim.Optimizer) -> tuple[int, list[dict], list[tuple[int, float]]]:
+    """Load a run checkpoint's weights and optimizer state into ``model`` and ``optimizer``.
+
+    Returns (step, history, the (step, train loss) of every step so far).
+    """
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return state["step"], state["history"]
+    # Checkpoints written before per-step losses were kept still resume; their loss record starts empty.
+    return state["step"], state["history"], state.get("losses", [])
 
 
 def read_run_checkpoint(path: str | Path, required: set[str], writer: str,

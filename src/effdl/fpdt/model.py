@@ -178,7 +178,7 @@ class _FPDTBlock(torch.autograd.Function):
         pipe, index = ctx.pipe, ctx.index
         layer, store = pipe.model.layers[index], pipe.store
         dx = torch.empty_like(dy)  # (B, S_l, D)
-        with torch.enable_grad():
+        with store.close_on_error(), torch.enable_grad():
             # FFN and output projection, per chunk, recomputed from the stored layer input and attention output.
             for i, (start, end) in enumerate(pipe.local_bounds):
                 store.prefetch((index, "x", i + 1))
@@ -199,6 +199,8 @@ class _FPDTBlock(torch.autograd.Function):
                 dx[:, start:end] += x_j.grad
                 for name in ("x", "q", "k", "v", "out", "lse", "dout"):
                     store.discard((index, name, j))
+        if index == 0:  # the pipeline's last backward: the store is empty, and a failure after it must not keep it
+            store.close()
         return dx, None, None
 
 
@@ -248,31 +250,32 @@ class _ChunkedLMLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, model: Transformer, targets: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, model: Transformer, targets: Tensor, chunk: int, store: OffloadStore) -> Tensor:
         ctx.save_for_backward(h, targets)
-        ctx.model, ctx.chunk = model, chunk
+        ctx.model, ctx.chunk, ctx.store = model, chunk, store
         return sum(_ce_sum(model.norm, model.output, h[:, s:e], targets[:, s:e])
                    for s, e in chunk_bounds(h.shape[1], chunk))
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         h, targets = ctx.saved_tensors
         dh = torch.empty_like(h)  # (B, T, D)
-        with torch.enable_grad():
+        with ctx.store.close_on_error(), torch.enable_grad():
             for start, end in chunk_bounds(h.shape[1], ctx.chunk):
                 h_c = h[:, start:end].detach().requires_grad_()
                 torch.autograd.backward(_ce_sum(ctx.model.norm, ctx.model.output, h_c, targets[:, start:end]), grad)
                 dh[:, start:end] = h_c.grad
-        return dh, None, None, None
+        return dh, None, None, None, None
 
 
-def chunked_lm_loss_sum(model: Transformer, h: Tensor, targets: Tensor, chunk: int) -> Tensor:
+def chunked_lm_loss_sum(model: Transformer, h: Tensor, targets: Tensor, chunk: int, store: OffloadStore) -> Tensor:
     """Summed cross-entropy of final hidden states (B, T, D) against targets (B, T), ``chunk`` tokens at a time.
 
     Each chunk's logits are recomputed in the backward instead of kept, so
-    the peak is one (B, chunk, V) block rather than (B, T, V).
+    the peak is one (B, chunk, V) block rather than (B, T, V). This backward
+    runs first in FPDT's, so if it raises it closes the pipeline's ``store``.
     """
-    return _ChunkedLMLoss.apply(h, model, targets, chunk)
+    return _ChunkedLMLoss.apply(h, model, targets, chunk, store)
 
 
 def pad_to_multiple(tokens: Tensor, targets: Tensor, multiple: int) -> tuple[Tensor, Tensor]:
@@ -295,6 +298,12 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
     gradients after ``backward()`` equal those of ``lm_loss`` on the plain
     model. ``on_store`` (for tests and benchmarks) sees the step's offload
     store. Targets equal to -100 are ignored.
+
+    The store (and a disk store's spill folder) is closed when the backward
+    leaves the first layer, so a failure after that finds nothing open, or as
+    soon as the forward, the LM head's or a layer's backward raises. Only an
+    error raised before the LM head's backward (say, by a hook on the returned
+    loss) leaves the store to be closed when the graph is freed.
     """
     if tokens.dim() != 2 or tokens.shape != targets.shape:
         raise EffdlError(f"tokens and targets must both be (B, S); got {tuple(tokens.shape)} and "
@@ -309,7 +318,7 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
                        spill_bytes(model.config, B, S, world, elem) if cfg.offload == "disk" else 0)
     if on_store is not None:
         on_store(store)
-    try:
+    with store.close_on_error():
         pipe = ChunkPipeline(model, cfg, S, group, store)
         h = model.tok_embeddings(tokens[:, index])  # (B, S_l, D)
         for i in range(len(model.layers)):
@@ -317,16 +326,8 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
         local_targets = targets[:, index]  # (B, S_l)
         count = (targets != IGNORE_INDEX).sum().clamp_min(1)
         loss_chunk = cfg.loss_chunk or default_loss_chunk(pipe.local_bounds[0][1])
-        loss = sum_across_ranks(chunked_lm_loss_sum(model, h, local_targets, loss_chunk) / count, group)
-    except BaseException:
-        store.close()
-        raise
+        loss = sum_across_ranks(chunked_lm_loss_sum(model, h, local_targets, loss_chunk, store) / count, group)
     if not loss.requires_grad:
         store.close()
         return loss
-
-    def finish() -> None:
-        store.close()
-        sum_gradients(model, group)
-
-    return on_backward_end(loss, finish)
+    return on_backward_end(loss, lambda: sum_gradients(model, group))

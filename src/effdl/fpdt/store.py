@@ -26,8 +26,9 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -93,6 +94,19 @@ class OffloadStore:
         """Free everything. Safe to call twice."""
         for key in self.chunk_keys():
             self.discard(key)
+
+    @contextmanager
+    def close_on_error(self) -> Iterator[None]:
+        """Run the block; if it raises, close the store before the error propagates.
+
+        For code whose failure ends the store's use (a training step's forward or backward): a spill folder
+        must not wait for the store to be garbage-collected, which a traceback holding the graph delays.
+        """
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def __enter__(self) -> OffloadStore:
         return self
@@ -177,8 +191,8 @@ class DiskStore(OffloadStore):
     the prefetched copy or reads the file. The one worker thread runs writes
     and reads in submission order, so a read never overtakes the write of the
     same chunk. The folder ``<spill_dir>/effdl-fpdt-*`` is removed by
-    ``close`` and, should the owner never call it (an exception unwinding a
-    training step), when the store is garbage-collected or the process exits.
+    ``close`` and, should the owner never call it, when the store is
+    garbage-collected or the process exits.
     """
 
     kind = "disk"

@@ -83,6 +83,7 @@ class DetectionTrainResult:
     checkpoint: Path | None = None
     images_per_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of every step
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -132,7 +133,7 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
 
     result, step = DetectionTrainResult(step=0), 0
     if resume is not None:
-        step, result.history = restore_run(read_checkpoint(resume, device), model, optimizer)
+        step, result.history, result.losses = restore_run(read_checkpoint(resume, device), model, optimizer)
 
     started, start_step = time.perf_counter(), step
     batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
@@ -150,6 +151,7 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
             if not torch.isfinite(loss):
                 raise EffdlError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
             step += 1
+            result.losses.append((step, loss.item()))
             elapsed = time.perf_counter() - started
             result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
             if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
@@ -157,14 +159,14 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
             epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg.eval_every == 0
             if epoch_done or step == total_steps:
                 metrics = evaluate(model, val_data, cfg, device)
-                result.history.append({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(),
+                result.history.append({"step": step, "epoch": step / steps_per_epoch, "loss": result.losses[-1][1],
                                        "metrics": metrics})
                 result.checkpoint = save_run_checkpoint(cfg.out_dir, cfg.model, step, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "config": dataclasses.asdict(cfg), "category_names": train_data.category_names,
-                    "history": result.history})
+                    "history": result.history, "losses": result.losses})
                 model.train()
-            bar.update(step, loss.item(), result.images_per_s, _headline(result.metrics))
+            bar.update(step, result.losses[-1][1], result.images_per_s, _headline(result.metrics))
     result.step = step
     return result
 
