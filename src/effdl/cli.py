@@ -274,26 +274,29 @@ def _exflow_place(args: argparse.Namespace) -> None:
 
 
 def _exflow_run(args: argparse.Namespace) -> None:
-    from effdl.dist import init_from_env
+    from effdl.dist import process_group
     from effdl.exflow.parallel import ExpertParallel
     from effdl.exflow.pipeline import corpus_prompts, load_moe
     from effdl.exflow.placement import Placement
     from effdl.report import print_table
 
-    rank, world, device = init_from_env()
-    placement = Placement.load(args.placement) if args.placement else None
-    runner = ExpertParallel(load_moe(args.model, device), args.mode, placement)
-    result = runner.generate(corpus_prompts(args.requests, args.prompt_len), args.new_tokens)
+    with process_group() as (rank, world, device):
+        placement = Placement.load(args.placement) if args.placement else None
+        runner = ExpertParallel(load_moe(args.model, device), args.mode, placement)
+        result = runner.generate(corpus_prompts(args.requests, args.prompt_len), args.new_tokens)
     if rank == 0:
         stats, steps = result.stats, args.new_tokens - 1
         print_table(f"{args.mode} expert parallelism on {world} ranks: {args.requests} requests x "
                     f"{args.new_tokens} tokens", ["MoE layer", "all-to-alls per decode step",
-                                                   "size exchanges per step", "token rows to other ranks per step"],
-                    [[layer, a / max(steps, 1), c / max(steps, 1), x / max(steps, 1)] for layer, (a, c, x) in
-                     enumerate(zip(stats.all_to_all["decode"], stats.size_exchanges["decode"],
-                                   stats.rows_cross["decode"], strict=True))])
+                                                   "size exchanges per step", "token rows to other ranks per step",
+                                                   "bytes to other ranks per rank per step (padding incl.)"],
+                    [[layer, a / max(steps, 1), c / max(steps, 1), x / max(steps, 1), b / max(steps, 1) / world]
+                     for layer, (a, c, x, b) in enumerate(zip(
+                         stats.all_to_all["decode"], stats.size_exchanges["decode"], stats.rows_cross["decode"],
+                         stats.bytes_cross["decode"], strict=True))])
         print(f"decode {args.requests * steps / max(result.decode_s, 1e-9):,.1f} tokens/s, prefill "
-              f"{result.prefill_s:.2f} s; context syncs per step {stats.kv_syncs['decode'] / max(steps, 1):.0f}")
+              f"{result.prefill_s:.2f} s; context syncs per step {stats.kv_syncs['decode'] / max(steps, 1):.0f} "
+              f"({stats.kv_sync_bytes['decode'] / max(steps, 1) / world:,.0f} bytes per rank)")
 
 
 def _exflow_simulate(args: argparse.Namespace) -> None:

@@ -1,5 +1,7 @@
 """Tensor parallelism over 2 gloo CPU ranks against the same model in one process."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,8 @@ from effdl.core.transformer import Transformer
 from effdl.dist import spawn
 from effdl.errors import EffdlError
 from effdl.flover import Engine, SamplingParams
+from effdl.flover.engine import DEFAULT_MAX_LEN, RunnerFailure
+from effdl.flover.runner import ModelRunner
 from effdl.flover.tp import shard_model, tp_engine
 
 # The tiny preset has 4 query heads and 2 kv heads (GQA), both divisible by 2 ranks; 2 layers keep it quick.
@@ -89,3 +93,48 @@ def test_tp_engine_decodes_like_one_process(two_ranks):
 def test_indivisible_shapes_and_moe_are_refused(cfg, world_size, message):
     with pytest.raises(EffdlError, match=message):
         shard_model(Transformer(cfg), 0, world_size)
+
+
+# A long-context model: a default KV pool of its full length is what Engine avoids and tp_engine must too.
+LONG = TINY.replace(max_seq_len=8 * DEFAULT_MAX_LEN)
+
+
+def _default_pool_len(rank: int) -> tuple[int, int]:
+    """(engine.max_len, tokens per slot of the KV pool actually allocated) of a tp_engine given no max_len."""
+    engine = tp_engine(_seeded_model(LONG), max_slots=1)
+    try:
+        return engine.max_len, engine.runner.pool.cache.k.shape[3]  # (L, B, K, S, Dh)
+    finally:
+        engine.runner.stop()
+
+
+def test_tp_engine_defaults_max_len_like_engine():
+    expected = Engine(_seeded_model(LONG), max_slots=1).max_len  # the single-device engine's default
+    assert expected < LONG.max_seq_len
+    assert spawn(_default_pool_len, 1, timeout_s=90) == [(expected, expected)]
+
+
+def _follower_fails(rank: int) -> tuple[str, float]:
+    """Rank 1's runner raises on its first step; each rank returns the error it ended with and how long it took."""
+    if rank == 1:
+        def broken(self, plan):
+            raise RuntimeError("injected follower failure")
+
+        ModelRunner.execute = broken  # this process only: rank 0's TPRunner still runs the real step
+    model = _seeded_model(TINY)
+    started = time.monotonic()
+    try:
+        engine = tp_engine(model, **ENGINE_OPTIONS)  # rank 1 follows in here
+        if engine is not None:
+            engine.generate(PROMPTS, PARAMS)
+    except RunnerFailure as error:
+        return str(error), time.monotonic() - started
+    return "no error", time.monotonic() - started
+
+
+def test_a_failing_follower_ends_the_group_instead_of_hanging():
+    # The group's collectives time out after spawn's 120 s: an error well before that is the follower's, not a timeout.
+    (leader, leader_s), (follower, _) = spawn(_follower_fails, 2, timeout_s=120)
+    assert "tensor-parallel rank 1 failed" in follower and "injected follower failure" in follower
+    assert "tensor-parallel rank 0 lost its group mid-step: another rank failed" in leader
+    assert leader_s < 30

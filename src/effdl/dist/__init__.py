@@ -1,5 +1,5 @@
-"""torch.distributed helpers: start from torchrun's environment, and spawn CPU ranks for tests."""
+"""torch.distributed helpers: run a ``torchrun`` rank from start to a clean end, and spawn CPU ranks for tests."""
 
-from effdl.dist.launch import RankFailure, init_from_env, spawn
+from effdl.dist.launch import RankFailure, abandon, init_from_env, process_group, spawn
 
-__all__ = ["RankFailure", "init_from_env", "spawn"]
+__all__ = ["RankFailure", "abandon", "init_from_env", "process_group", "spawn"]

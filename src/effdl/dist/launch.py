@@ -1,20 +1,23 @@
-"""Process-group start-up.
+"""Process-group start-up and shut-down.
 
-``init_from_env`` is what every effdl entry point calls under ``torchrun``:
-it reads RANK/WORLD_SIZE/LOCAL_RANK, picks NCCL on CUDA and gloo on CPU, and
-pins the local GPU. ``spawn`` starts N local CPU processes with gloo on a free
-port, for tests and small experiments; real runs use ``torchrun``.
+``process_group`` is what every effdl entry point runs under ``torchrun``: it
+joins the group ``init_from_env`` describes (RANK/WORLD_SIZE/LOCAL_RANK, NCCL
+on CUDA and gloo on CPU, the local GPU pinned) and ends it on every rank
+before the interpreter exits. ``spawn`` starts N local CPU processes with gloo
+on a free port, for tests and small experiments; real runs use ``torchrun``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +26,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from effdl.errors import EffdlError
+
+# torch modules that bind the default group as a default argument (``group=group.WORLD``) when first imported.
+# Imported once a group exists (torch._dynamo pulls in the first lazily, e.g. for a meta-device init), they would
+# keep it alive past destroy_process_group, and gloo's worker threads with it; so they are imported before.
+_BIND_WORLD_ON_IMPORT = ("torch.distributed.nn.functional", "torch.distributed.optim.zero_redundancy_optimizer",
+                         "torch.distributed.fsdp.sharded_grad_scaler")
 
 
 class RankFailure(RuntimeError):
@@ -46,9 +55,56 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600) -> tuple[i
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if not dist.is_initialized():
+        for module in _BIND_WORLD_ON_IMPORT:
+            importlib.import_module(module)
         dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
     return rank, world, device
+
+
+@contextmanager
+def process_group(backend: str | None = None, timeout_s: float = 600) -> Iterator[tuple[int, int, torch.device]]:
+    """``init_from_env`` for the length of a ``with`` block; yields (rank, world_size, device).
+
+    Leaving the block normally, every rank meets at a barrier, so none tears
+    down while a peer is still in its last collective, and then destroys the
+    group, which joins gloo's worker threads while the interpreter is alive.
+    Left alive until exit, a worker thread may drop its last work item (and
+    the tensors it holds) after finalisation has begun: taking the GIL then
+    ends the thread inside a C++ destructor and the rank aborts with
+    "terminate called without an active exception". Leaving on an exception,
+    the group is ``abandon``-ed instead: a peer may be blocked in a collective
+    this rank will never join, so a barrier would only wait out the timeout.
+    A group that already exists (``spawn``'s, say) belongs to its creator and
+    is left alone; without torchrun's variables there is no group at all.
+    """
+    owner = "RANK" in os.environ and not dist.is_initialized()
+    rank, world, device = init_from_env(backend, timeout_s)
+    if not owner:
+        yield rank, world, device
+        return
+    try:
+        yield rank, world, device
+        if dist.is_initialized():  # a failed tensor-parallel step may have abandoned it already
+            dist.barrier()
+    except BaseException:
+        abandon()
+        raise
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def abandon(group: dist.ProcessGroup | None = None) -> None:
+    """Tear ``group`` (default: every group) down now, without waiting for its peers: the way out after a failure.
+
+    A gloo teardown is local and closes this rank's connections, so a peer
+    blocked in a collective with it fails at once instead of waiting out the
+    timeout. An NCCL teardown first flushes this rank's queued kernels, which
+    can wait forever on a peer that failed too, so an NCCL group is left to
+    process exit, after which torchrun stops the other ranks.
+    """
+    if dist.is_initialized() and dist.get_backend(group) == "gloo":
+        dist.destroy_process_group(group)
 
 
 def free_port() -> int:

@@ -4,7 +4,8 @@
 specific lives in the scheduler, everything tensor-specific in the runner.
 A failure confined to one request (its sampling, its detokenisation) fails
 that request only; a failed forward fails the requests it carried. Either
-way the engine goes on serving the rest.
+way the engine goes on serving the rest, unless the runner itself is lost
+(``RunnerFailure``: a tensor-parallel rank failed), which ends the engine.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from effdl.core.config import ModelConfig
 from effdl.core.generate import sample_next
 from effdl.core.tokenizer import Tokenizer
 from effdl.core.transformer import Transformer
@@ -27,13 +29,25 @@ from effdl.flover.scheduler import Scheduler, StepPlan
 DEFAULT_MAX_LEN = 4096
 
 
+def default_max_len(config: ModelConfig) -> int:
+    """Tokens per KV slot when none is asked for: the model's context, at most ``DEFAULT_MAX_LEN``.
+
+    Long-context checkpoints (128K for Llama 3) would otherwise make a default
+    pool of every slot at full length.
+    """
+    return min(config.max_seq_len, DEFAULT_MAX_LEN)
+
+
+class RunnerFailure(RuntimeError):
+    """The runner can execute no further step (a tensor-parallel rank failed and the group is gone)."""
+
+
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_slots: int = 8,
                  max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
                  batch_window_s: float = 0.0, max_queue: int = 1024, runner: ModelRunner | None = None):
         self.config, self.tokenizer = model.config, tokenizer
-        # Long-context checkpoints (128K for Llama 3) would make a default pool of every slot at full length.
-        self.max_len = max_len or min(model.config.max_seq_len, DEFAULT_MAX_LEN)
+        self.max_len = max_len or default_max_len(model.config)
         if self.max_len > model.config.max_seq_len:
             raise EffdlError(f"max_len {self.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.scheduler = Scheduler(max_slots, policy, shuffle, prefill_chunk, batch_window_s, max_queue)
@@ -103,6 +117,8 @@ class Engine:
         self._count(plan)
         try:
             ids, logits = self.runner.execute(plan)
+        except RunnerFailure:
+            raise  # every later step would fail the same way
         except Exception as error:  # a bad batch must not take the engine down
             return [self._fail(self.requests[rid], f"forward failed: {error!r}") for rid in
                     dict.fromkeys(plan.request_ids) if rid in self.requests]

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -393,25 +393,25 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots:
     import uvicorn
 
     from effdl.core.trainer import resolve_device
-    from effdl.dist.launch import init_from_env
+    from effdl.dist import process_group
     from effdl.flover.tp import tp_engine
 
-    _, world, dist_device = init_from_env() if tp > 1 else (0, 1, None)
-    if world != tp:
-        raise EffdlError(f"--tp {tp} needs {tp} processes: run `torchrun --nproc-per-node {tp} -m effdl.cli "
-                         f"flover serve ...` (this is {world})")
-    model, tokenizer, served = load_model(model_spec, dist_device or resolve_device(device))
-    options = dict(max_slots=max_slots, max_len=max_len, policy=policy, shuffle=shuffle,
-                   prefill_chunk=prefill_chunk, max_queue=max_queue)
-    params = model.config.num_params()
-    engine = tp_engine(model, tokenizer, **options) if tp > 1 else Engine(model, tokenizer, **options)
-    if engine is None:
-        return  # a follower rank: rank 0 has stopped
-    app = create_app(AsyncEngine(engine), name or served, tokenizer)
-    print(f"serving {name or served} ({params / 1e6:,.1f}M params, tp {tp}, {policy}, {max_slots} slots, "
-          f"max_len {engine.max_len}) on http://{host}:{port}/v1")
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        if tp > 1:
-            engine.runner.stop()
+    with process_group() if tp > 1 else nullcontext((0, 1, None)) as (_, world, dist_device):
+        if world != tp:
+            raise EffdlError(f"--tp {tp} needs {tp} processes: run `torchrun --nproc-per-node {tp} -m effdl.cli "
+                             f"flover serve ...` (this is {world})")
+        model, tokenizer, served = load_model(model_spec, dist_device or resolve_device(device))
+        options = dict(max_slots=max_slots, max_len=max_len, policy=policy, shuffle=shuffle,
+                       prefill_chunk=prefill_chunk, max_queue=max_queue)
+        params = model.config.num_params()
+        engine = tp_engine(model, tokenizer, **options) if tp > 1 else Engine(model, tokenizer, **options)
+        if engine is None:
+            return  # a follower rank: rank 0 has stopped
+        app = create_app(AsyncEngine(engine), name or served, tokenizer)
+        print(f"serving {name or served} ({params / 1e6:,.1f}M params, tp {tp}, {policy}, {max_slots} slots, "
+              f"max_len {engine.max_len}) on http://{host}:{port}/v1")
+        try:
+            uvicorn.run(app, host=host, port=port, log_level="warning")
+        finally:
+            if tp > 1:
+                engine.runner.stop()

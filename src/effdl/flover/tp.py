@@ -13,7 +13,8 @@ Each of P ranks holds a slice of every layer and runs the same step plan:
 
 Embeddings and norms are replicated. Only rank 0 schedules and samples:
 ``TPRunner`` broadcasts each ``StepPlan`` before running it, and the other
-ranks ``follow``, executing the plans they receive. MoE models are not split.
+ranks ``follow``, executing the plans they receive. A step that fails on any
+rank ends the group (see ``follow``). MoE models are not split.
 
 Dimension legend:
     P  ranks (tensor-parallel world size)
@@ -24,7 +25,8 @@ Dimension legend:
 from __future__ import annotations
 
 import math
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -36,8 +38,9 @@ from torch import Tensor, nn
 from effdl.core.config import ModelConfig
 from effdl.core.tokenizer import Tokenizer
 from effdl.core.transformer import Transformer
+from effdl.dist import abandon
 from effdl.errors import EffdlError
-from effdl.flover.engine import Engine
+from effdl.flover.engine import Engine, RunnerFailure, default_max_len
 from effdl.flover.runner import ModelRunner
 from effdl.flover.scheduler import StepPlan
 
@@ -130,7 +133,8 @@ def shard_model(model: Transformer, rank: int, world_size: int, group: dist.Proc
 def _all_reduce(module: nn.Module, inputs: tuple, partial_sum: Tensor, group: dist.ProcessGroup | None
                 ) -> Tensor:
     """Forward hook: sum the ranks' partial outputs (..., D) of a row-parallel Linear, in place."""
-    dist.all_reduce(partial_sum, group=group)
+    with _collective():
+        dist.all_reduce(partial_sum, group=group)
     return partial_sum
 
 
@@ -138,7 +142,8 @@ def _gather_vocab(module: nn.Module, inputs: tuple, shard: Tensor, vocab_size: i
                   group: dist.ProcessGroup | None) -> Tensor:
     """Forward hook: the full logits (..., V) from every rank's (..., Vp), padding rows dropped."""
     shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shards, shard.contiguous(), group=group)
+    with _collective():
+        dist.all_gather(shards, shard.contiguous(), group=group)
     return torch.cat(shards, dim=-1)[..., :vocab_size]  # (..., P*Vp) -> (..., V)
 
 
@@ -147,37 +152,76 @@ class TPRunner(ModelRunner):
 
     The other ranks run ``follow`` on a ``ModelRunner`` over their own slice
     with the same ``n_slots`` and ``max_len``; ``stop()`` ends their loop.
+    A failed step raises ``RunnerFailure``, now and on every later step.
     """
 
     def __init__(self, model: Transformer, n_slots: int, max_len: int, group: dist.ProcessGroup | None = None):
         super().__init__(model, n_slots, max_len)
         self.group = group
+        self.failure: RunnerFailure | None = None  # set once a step failed: the group is gone
 
     def execute(self, plan: StepPlan) -> tuple[list[str], Tensor]:
-        _broadcast_plan(plan, self.group)
-        return super().execute(plan)
+        if self.failure is not None:
+            raise self.failure
+        try:
+            _broadcast_plan(plan, self.group)
+            return super().execute(plan)
+        except Exception as error:
+            self.failure = _end_group(self.group, error)
+            raise self.failure from error
 
     def stop(self) -> None:
-        """Release the followers: they leave ``follow`` once they receive this."""
-        _broadcast_plan(None, self.group)
+        """Release the followers: they leave ``follow`` once they receive this (a failed group has none left)."""
+        if self.failure is None:
+            _broadcast_plan(None, self.group)
 
 
 def follow(runner: ModelRunner, group: dist.ProcessGroup | None = None) -> None:
     """The loop of ranks > 0: execute every plan rank 0 broadcasts, until it sends ``None``.
 
-    A plan whose execution raises is skipped, as rank 0's engine fails that
-    step's requests and goes on; the ranks stay in step.
+    The ranks cannot skip a step that fails on one of them: the others are
+    then blocked in one of its collectives, or would pair their next
+    collective with the wrong one. So a failure on any rank ends the group:
+    that rank abandons it, which makes its peers' pending collectives fail at
+    once (gloo) instead of waiting out the timeout, and every rank raises
+    ``RunnerFailure``: the failing rank saying why, the others that a peer left.
     """
-    while (plan := _broadcast_plan(None, group)) is not None:
-        with suppress(Exception):
+    try:
+        while (plan := _broadcast_plan(None, group)) is not None:
             runner.execute(plan)
+    except Exception as error:
+        raise _end_group(group, error) from error
+
+
+def _end_group(group: dist.ProcessGroup | None, error: Exception) -> RunnerFailure:
+    """Abandon ``group`` after ``error`` ended a step on this rank; returns the error for this rank to raise."""
+    rank = dist.get_rank(group)
+    abandon(group)
+    if isinstance(error, _PeerLost):
+        return RunnerFailure(f"tensor-parallel rank {rank} lost its group mid-step: another rank failed (its own "
+                             f"error says why) or left; the group is shut down ({error})")
+    return RunnerFailure(f"tensor-parallel rank {rank} failed a step, {error!r}, and shut the group down")
 
 
 def _broadcast_plan(plan: StepPlan | None, group: dist.ProcessGroup | None) -> StepPlan | None:
     """Rank 0 of ``group`` sends ``plan`` (pickled); every rank returns what rank 0 sent."""
     box = [plan]
-    dist.broadcast_object_list(box, group=group, group_src=0)
+    with _collective():
+        dist.broadcast_object_list(box, group=group, group_src=0)
     return box[0]
+
+
+class _PeerLost(RuntimeError):
+    """A collective of the tensor-parallel group failed: another rank left it (or never came)."""
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    """Mark a collective's failure as ``_PeerLost``, to tell it apart from this rank's own failure."""
+    try:
+        yield
+    except RuntimeError as error:  # gloo raises a plain RuntimeError for a reset or closed connection
+        raise _PeerLost(str(error)) from error
 
 
 def tp_engine(model: Transformer, tokenizer: Tokenizer | None = None, max_slots: int = 8,
@@ -194,7 +238,7 @@ def tp_engine(model: Transformer, tokenizer: Tokenizer | None = None, max_slots:
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     local = shard_model(model, rank, world_size, group)
-    max_len = max_len or model.config.max_seq_len
+    max_len = max_len or default_max_len(model.config)
     runner = TPRunner(local, max_slots, max_len, group) if rank == 0 else ModelRunner(local, max_slots, max_len)
     engine = Engine(local, tokenizer, max_slots=max_slots, max_len=max_len, runner=runner, **engine_options)
     if rank == 0:

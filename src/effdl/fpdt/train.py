@@ -21,7 +21,7 @@ from effdl.core.data import corpus_tokens
 from effdl.core.hf import load_checkpoint, load_config
 from effdl.core.trainer import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
 from effdl.core.transformer import Transformer
-from effdl.dist import init_from_env
+from effdl.dist import process_group
 from effdl.errors import EffdlError
 from effdl.fpdt.memory import MiB, gemm_flops, peak_rss_bytes, release_large_frees, train_flops_per_token
 from effdl.fpdt.model import FPDTConfig, fpdt_loss
@@ -34,31 +34,31 @@ def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = N
     The model is a fresh ``cfg.preset``, or the HF-format checkpoint folder ``init`` (e.g. a Llama to extend
     to longer contexts), or what ``resume`` continues.
     """
-    _, world, device = init_from_env()
-    if fpdt.sp_size != world:
-        raise EffdlError(f"--sp {fpdt.sp_size} but {world} process(es) were launched; run "
-                         f"torchrun --nproc-per-node {fpdt.sp_size} -m effdl.cli fpdt train ...")
-    if cfg.device != "auto":
-        device = resolve_device(cfg.device)
-    release_large_frees()
-    model = None
-    if init is not None and resume is None:
-        model = load_checkpoint(init, device=device, dtype=torch.float32)
-    elif resume is None:
-        torch.manual_seed(cfg.seed)
-        model = Transformer(ModelConfig.preset(cfg.preset, max_seq_len=cfg.seq_len), device=device)
-    # Read once here: a missing checkpoint fails before training, and the status column does no I/O per step.
-    flops_per_token = train_flops_per_token(
-        model.config if model is not None else load_config(latest_checkpoint(resume)), cfg.seq_len)
-    peak_flops = gemm_flops(device=device)
+    with process_group() as (_, world, device):
+        if fpdt.sp_size != world:
+            raise EffdlError(f"--sp {fpdt.sp_size} but {world} process(es) were launched; run "
+                             f"torchrun --nproc-per-node {fpdt.sp_size} -m effdl.cli fpdt train ...")
+        if cfg.device != "auto":
+            device = resolve_device(cfg.device)
+        release_large_frees()
+        model = None
+        if init is not None and resume is None:
+            model = load_checkpoint(init, device=device, dtype=torch.float32)
+        elif resume is None:
+            torch.manual_seed(cfg.seed)
+            model = Transformer(ModelConfig.preset(cfg.preset, max_seq_len=cfg.seq_len), device=device)
+        # Read once here: a missing checkpoint fails before training, and the status column does no I/O per step.
+        flops_per_token = train_flops_per_token(
+            model.config if model is not None else load_config(latest_checkpoint(resume)), cfg.seq_len)
+        peak_flops = gemm_flops(device=device)
 
-    def status(tokens_per_s: float) -> str:
-        mfu = tokens_per_s / world * flops_per_token / peak_flops
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-        return f"peak {peak / MiB:,.0f} MiB  MFU {100 * mfu:.1f}%"
+        def status(tokens_per_s: float) -> str:
+            mfu = tokens_per_s / world * flops_per_token / peak_flops
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+            return f"peak {peak / MiB:,.0f} MiB  MFU {100 * mfu:.1f}%"
 
-    return train(cfg, model, lambda m, x, y: fpdt_loss(m, x, y, fpdt), resume=resume, progress=progress,
-                 status=status)
+        return train(cfg, model, lambda m, x, y: fpdt_loss(m, x, y, fpdt), resume=resume, progress=progress,
+                     status=status)
 
 
 def bucket_means(curve: Tensor, edges: list[int]) -> list[float]:
