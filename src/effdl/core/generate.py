@@ -49,6 +49,19 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise EffdlError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
+def right_pad(rows: list[list[int]], device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Token rows of different lengths -> (B, T) long tensor right-padded with 0 to the longest, and lengths (B,).
+
+    Causal attention never lets a row's real tokens see the padding after them, so a batched prefill
+    of right-padded rows reads each row's logits at ``lengths - 1``. Cost: O(B T).
+    """
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long, device=device)  # (B,)
+    tokens = torch.zeros(len(rows), int(lengths.max()) if rows else 0, dtype=torch.long, device=device)  # (B, T)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return tokens, lengths
+
+
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop_ids: set[int] | None = None) -> list[int]:
@@ -90,10 +103,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 
     B = len(prompts)
     cache = KVCache.allocate(cfg, B, longest + max_new_tokens, device=device, dtype=param.dtype)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-    padded = torch.zeros(B, longest, dtype=torch.long, device=device)  # (B, T)
-    for row, p in enumerate(prompts):
-        padded[row, : len(p)] = torch.tensor(p)
+    padded, lengths = right_pad(prompts, device)  # (B, T), (B,)
     logits = model(padded, positions=torch.zeros_like(lengths), cache=cache, logit_index=lengths - 1)  # (B, V)
 
     outputs: list[list[int]] = [[] for _ in range(B)]

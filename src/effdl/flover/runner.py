@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from effdl.core.generate import right_pad
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.flover.kvpool import KVPool
@@ -48,10 +49,7 @@ class ModelRunner:
 
     def _forward(self, lo: int, hi: int, rows: list[list[int]], starts: list[int]) -> Tensor:
         """Logits at each row's last token for slots [lo, hi), rows right-padded to the longest."""
-        lengths = torch.tensor([len(r) for r in rows], device=self.device)
-        tokens = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=self.device)  # (B, T)
-        for i, r in enumerate(rows):
-            tokens[i, :len(r)] = torch.tensor(r)
+        tokens, lengths = right_pad(rows, self.device)  # (B, T), (B,)
         positions = torch.tensor(starts, device=self.device)  # (B,)
         return self.model(tokens, positions, self.pool.window(lo, hi), logit_index=lengths - 1)  # (B, V)
 
