@@ -18,7 +18,7 @@ from effdl.core.transformer import Transformer
 from effdl.dist import spawn
 from effdl.errors import EffdlError
 from effdl.exflow.affinity import transition_counts
-from effdl.exflow.parallel import MODES, PHASES, ExpertParallel
+from effdl.exflow.parallel import MODES, PHASES, CommStats, ExpertParallel, _Comm
 from effdl.exflow.placement import Placement, solve
 from effdl.exflow.trace import model_fingerprint
 
@@ -327,6 +327,21 @@ def test_single_process_without_process_group(mode):
     assert gen.tokens == want_tokens
     np.testing.assert_allclose(gen.logits.numpy(), want_logits, atol=1e-4, rtol=0)
     assert gen.stats.rows_cross == {phase: [0] * 6 for phase in PHASES}
+
+
+def test_comm_counts_under_the_phase_and_layer_it_is_scoped_to():
+    """``_Comm.at`` scopes the exchanges to a phase and layer without changing the comm it came from."""
+    stats = CommStats.empty(3)
+    comm = _Comm(stats, rank=0, world=1, pad_limit_bytes=1 << 20)
+    rows = torch.arange(8.0).view(4, 2)  # (n, P)
+    scoped = comm.at("decode", 2)
+    received, route = scoped.dispatch(rows, torch.zeros(4, dtype=torch.long), torch.tensor([[4]]))
+    torch.testing.assert_close(scoped.reply(received, route), rows)
+    assert (comm.phase, comm.layer) == ("prefill", 0)
+    assert stats.all_to_all == {"prefill": [0, 0, 0], "decode": [0, 0, 2]}
+    assert stats.rows_total["decode"] == [0, 0, 8] and stats.rows_cross["decode"] == [0, 0, 0]
+    with pytest.raises(AttributeError):
+        comm.layer = 1
 
 
 def test_bad_input():

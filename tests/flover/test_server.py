@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import threading
 import time
 
 import httpx
@@ -15,6 +16,7 @@ from effdl.core.tokenizer import ByteTokenizer
 from effdl.core.transformer import Transformer
 from effdl.flover import Engine
 from effdl.flover.async_engine import AsyncEngine
+from effdl.flover.engine import RunnerFailure
 from effdl.flover.server import create_app, serve_in_thread
 
 TOK = ByteTokenizer()
@@ -199,3 +201,33 @@ def test_full_queue_answers_503_then_recovers(model):
         assert refused.status_code == 503 and "queue" in refused.json()["error"]["message"]
         assert first.status_code == 200 and queued.status_code == 200
         assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+
+
+def test_a_runner_failure_answers_503_and_the_server_stops_cleanly(model, monkeypatch):
+    engine = Engine(model, TOK, max_slots=1, max_len=256)
+    real, fail = engine.runner.execute, threading.Event()
+
+    def execute(plan):
+        if fail.is_set():
+            raise RunnerFailure("tensor-parallel rank 1 failed a step")
+        return real(plan)
+
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    with _serve(AsyncEngine(engine)) as url:
+        async def main():
+            async with httpx.AsyncClient(timeout=30) as client:
+                body = {"model": "tiny", "prompt": "a", "max_tokens": 200, "ignore_eos": True}
+                async with client.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}) as r:
+                    lines = aiter(r.aiter_lines())
+                    chunks = [await anext(lines)]  # streaming: it holds the only slot
+                    queued = asyncio.ensure_future(client.post(f"{url}/v1/completions", json=body))
+                    while "flover_queue_length 1" not in (await client.get(f"{url}/metrics")).text:
+                        await asyncio.sleep(0.005)
+                    fail.set()
+                    chunks += [line async for line in lines]
+                return [c for c in chunks if c], await queued, await client.post(f"{url}/v1/completions", json=body)
+
+        chunks, queued, later = asyncio.run(main())
+    assert chunks[-1] == "data: [DONE]" and "rank 1 failed a step" in json.loads(chunks[-2][6:])["error"]["message"]
+    for refused in (queued, later):
+        assert refused.status_code == 503 and "the engine has stopped" in refused.json()["error"]["message"]

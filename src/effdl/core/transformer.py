@@ -182,13 +182,18 @@ class Block(nn.Module):
         """x (B, T, D) plus the output projection of attention output o (B, H, T, Dh)."""
         return x + self.attention.out(o)
 
+    def attend(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
+               cache: tuple[Tensor, Tensor] | None = None, write_idx: Tensor | None = None) -> Tensor:
+        """x (B, T, D) plus its (optionally cached) self-attention: the block's first half."""
+        return x + self.attention(self.attention_norm(x), cos, sin, mask, cache, write_idx)
+
     def ffn_residual(self, h: Tensor) -> Tensor:
         """h (..., D) plus the feed-forward of its norm: the block's second half."""
         return h + self.feed_forward(self.ffn_norm(h))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: tuple[Tensor, Tensor] | None = None, write_idx: Tensor | None = None) -> Tensor:
-        return self.ffn_residual(x + self.attention(self.attention_norm(x), cos, sin, mask, cache, write_idx))
+        return self.ffn_residual(self.attend(x, cos, sin, mask, cache, write_idx))
 
 
 class Transformer(nn.Module):

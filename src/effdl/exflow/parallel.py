@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from effdl.core.generate import right_pad
 from effdl.core.moe import expert_outputs, route_top_k
-from effdl.core.transformer import Block, KVCache, Transformer, causal_mask, rope_cos_sin
+from effdl.core.transformer import Block, KVCache, Transformer, causal_mask
 from effdl.errors import EffdlError
 from effdl.exflow.placement import Placement, round_robin
 from effdl.exflow.trace import model_fingerprint
@@ -100,14 +101,23 @@ class Generation:
     logits: Tensor | None = None  # (steps, B, V) fp32 when requested: step 0 is the prefill's last position
 
 
+@dataclass(frozen=True)
 class _Comm:
-    """Row exchanges between ranks, counted into ``CommStats``."""
+    """Row exchanges between ranks, counted into ``CommStats`` under ``phase`` and MoE ``layer``.
 
-    def __init__(self, stats: CommStats, rank: int, world: int, pad_limit_bytes: int):
-        self.stats, self.rank, self.world, self.pad_limit_bytes = stats, rank, world, pad_limit_bytes
-        self.phase, self.layer = "prefill", 0
-        # (G,) token rows on each rank, known to every rank: the senders' side of every padding limit.
-        self.held = torch.zeros(world, dtype=torch.long)
+    Immutable: ``at(phase, layer)`` gives the exchanges of one phase and layer, sharing the same stats.
+    """
+
+    stats: CommStats
+    rank: int
+    world: int
+    pad_limit_bytes: int
+    phase: str = "prefill"
+    layer: int = 0
+
+    def at(self, phase: str, layer: int = 0) -> _Comm:
+        """The same exchanges, counted under ``phase`` and ``layer``."""
+        return replace(self, phase=phase, layer=layer)
 
     def dispatch(self, rows: Tensor, dest: Tensor, slots: Tensor, notes: Tensor | None = None
                  ) -> tuple[Tensor, _Route]:
@@ -225,7 +235,8 @@ class ExpertParallel:
             _check_placement(placement, cfg, self.world)
             gpu_of = torch.from_numpy(placement.gpu_of)
         self.model, self.mode, self.cfg, self.pad_limit_bytes = model.eval(), mode, cfg, pad_limit_bytes
-        self.device = model.output.weight.device
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
         self.gpu_of = gpu_of.to(self.device)  # (L, E)
         self.experts_on = torch.stack([torch.bincount(layer, minlength=self.world) for layer in gpu_of])  # (L, G)
         self.local_index = []  # per layer: (E,) position of each global expert in this rank's stack, -1 elsewhere
@@ -251,30 +262,31 @@ class ExpertParallel:
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)  # (B,)
         max_len = int(lengths.max()) + max_new_tokens
 
-        comm.held = torch.tensor([sum(map(len, prompts[r::self.world])) for r in range(self.world)])  # prompt tokens
+        # (G,) token rows on each rank, known to every rank: the senders' side of every padding limit.
+        on_rank = torch.tensor([sum(map(len, prompts[r::self.world])) for r in range(self.world)])  # prompt tokens
         started = time.perf_counter()
-        local_cache = KVCache.allocate(self.cfg, len(own), max_len, self.device, self.model.output.weight.dtype)
-        logits = self._prefill(comm, [prompts[b] for b in own.tolist()], local_cache)  # (B_own, V)
+        local_cache = KVCache.allocate(self.cfg, len(own), max_len, self.device, self.dtype)
+        logits = self._prefill(comm, on_rank, [prompts[b] for b in own.tolist()], local_cache)  # (B_own, V)
         steps: list[Tensor] = []
         next_tokens = torch.zeros(B, dtype=torch.long, device=self.device)  # (B,) right for the rows held here
         next_tokens[own] = logits.argmax(-1)
         if return_logits:
             steps.append(self._share_rows(logits.float(), own, B))
-        cache = local_cache if self.mode == "standard" else self._share_cache(comm, local_cache, own, B)
+        cache = local_cache if self.mode == "standard" else self._share_cache(comm.at("prefill"), local_cache, own, B)
         prefill_s = time.perf_counter() - started
 
-        comm.phase = "decode"
-        comm.held = torch.tensor([len(prompts[r::self.world]) for r in range(self.world)])  # tokens start at home
+        on_rank = torch.tensor([len(prompts[r::self.world]) for r in range(self.world)])  # tokens start at home
         generated = [next_tokens]
         held = own  # requests whose token is on this rank (coherent: it moves with its experts)
         started = time.perf_counter()
         for _ in range(max_new_tokens - 1):
             if self.mode == "standard":
-                logits = self._step(comm, next_tokens[held][:, None], lengths[held], cache)
+                logits = self._step(comm, "decode", on_rank, next_tokens[held][:, None], lengths[held], cache)
                 next_tokens = next_tokens.clone()
                 next_tokens[held] = logits.argmax(-1)
             else:  # every rank learns every request's token in the step's context sync
-                held, logits, next_tokens = self._coherent_step(comm, next_tokens, held, lengths, cache)
+                held, on_rank, logits, next_tokens = self._coherent_step(comm, on_rank, next_tokens, held, lengths,
+                                                                         cache)
             if return_logits:
                 steps.append(self._share_rows(logits.float(), held, B))
             lengths = lengths + 1
@@ -292,81 +304,75 @@ class ExpertParallel:
 
     # ------------------------------------------------------------------ phases
 
-    def _prefill(self, comm: _Comm, prompts: list[list[int]], cache: KVCache) -> Tensor:
-        """Standard-mode prefill of this rank's own requests (right-padded); last-position logits (B_own, V)."""
-        T = max((len(p) for p in prompts), default=1)
-        tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=self.device)  # (B_own, T)
-        for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = torch.tensor(prompt, device=self.device)
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=self.device)
-        real = torch.arange(T, device=self.device) < lengths[:, None]  # (B_own, T): pads are not routed
-        start = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
-        return self._step(comm, tokens, start, cache, real, last=lengths - 1)
+    def _prefill(self, comm: _Comm, on_rank: Tensor, prompts: list[list[int]], cache: KVCache) -> Tensor:
+        """Standard-mode prefill of this rank's own requests (right-padded); last-position logits (B_own, V).
 
-    def _step(self, comm: _Comm, tokens: Tensor, start: Tensor, cache: KVCache, real: Tensor | None = None,
-              last: Tensor | None = None) -> Tensor:
+        ``on_rank`` (G,): the prompt tokens homed on each rank.
+        """
+        tokens, lengths = right_pad(prompts, self.device)  # (B_own, T), (B_own,)
+        real = torch.arange(tokens.shape[1], device=self.device) < lengths[:, None]  # (B_own, T): pads not routed
+        start = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        return self._step(comm, "prefill", on_rank, tokens, start, cache, real, last=lengths - 1)
+
+    def _step(self, comm: _Comm, phase: str, on_rank: Tensor, tokens: Tensor, start: Tensor, cache: KVCache,
+              real: Tensor | None = None, last: Tensor | None = None) -> Tensor:
         """Standard mode: every layer for tokens (n, T) of the requests homed here, at positions start + t.
 
-        ``real`` (n, T) marks the tokens to route (default all); returns the logits (n, V) at index ``last``.
+        ``on_rank`` (G,): the tokens to route on each rank; ``real`` (n, T) marks this rank's (default all).
+        Returns the logits (n, V) at index ``last``.
         """
         real = torch.ones_like(tokens, dtype=torch.bool) if real is None else real
-        h = self._embed(tokens)  # (n, T, D)
+        h = self.model.embed(tokens)  # (n, T, D)
         for layer, block in enumerate(self.model.layers):
-            comm.layer = layer
-            h = h + self._attention(block, h, start, cache.k[layer], cache.v[layer])
-            h[real] += self._standard_moe(comm, block, layer, block.ffn_norm(h[real]))
+            h = self._attention(block, h, start, cache.k[layer], cache.v[layer])
+            h[real] += self._standard_moe(comm.at(phase, layer), block, layer, on_rank, block.ffn_norm(h[real]))
         last = torch.zeros(len(h), dtype=torch.long, device=self.device) if last is None else last
-        return self._logits(h[torch.arange(len(h), device=self.device), last])
+        return self.model.head(h[torch.arange(len(h), device=self.device), last])
 
-    def _coherent_step(self, comm: _Comm, next_tokens: Tensor, held: Tensor, lengths: Tensor, cache: KVCache
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+    def _coherent_step(self, comm: _Comm, on_rank: Tensor, next_tokens: Tensor, held: Tensor, lengths: Tensor,
+                       cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """One coherent decode step: tokens follow their experts; then one all-reduce shares the new K/V.
 
-        Returns the requests whose token ended on this rank, their logits (n, V), and every request's
-        next token (B,).
+        ``on_rank`` (G,): the tokens on each rank. Returns the requests whose token ended on this rank,
+        the tokens now on each rank (G,), their logits (n, V), and every request's next token (B,).
         """
         L, K, Dh = self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim
         B = len(lengths)
         # One all-reduce makes the step coherent: each request's row is filled by the one rank that ran it.
         width = L * 2 * K * Dh
         shared = torch.zeros(B, width + 1, device=self.device)  # (B, L*2*K*Dh + next token)
-        h = self._embed(next_tokens[held][:, None])  # (n, 1, D)
+        h = self.model.embed(next_tokens[held][:, None])  # (n, 1, D)
         for layer, block in enumerate(self.model.layers):
-            comm.layer = layer
             pos = lengths[held]  # (n,)
             k_rows, v_rows = cache.k[layer][held], cache.v[layer][held]  # gathered copies (n, K, S_max, Dh)
-            h = h + self._attention(block, h, pos, k_rows, v_rows)
+            h = self._attention(block, h, pos, k_rows, v_rows)
             rows = torch.arange(len(held), device=self.device)
             new_kv = torch.stack((k_rows[rows, :, pos], v_rows[rows, :, pos]), dim=1)  # (n, 2, K, Dh)
             shared[held, layer * 2 * K * Dh:(layer + 1) * 2 * K * Dh] = new_kv.flatten(1).float()
-            held, h = self._coherent_moe(comm, block, layer, held, h[:, 0])
+            held, on_rank, h = self._coherent_moe(comm.at("decode", layer), block, layer, on_rank, held, h[:, 0])
             h = h[:, None]  # (n, 1, D)
-        logits = self._logits(h[:, 0])  # (n, V)
+        logits = self.model.head(h[:, 0])  # (n, V)
         shared[held, width] = logits.argmax(-1).float()
-        comm.sync(shared)
+        comm.at("decode").sync(shared)
         new_kv = shared[:, :width].view(B, L, 2, K, Dh).to(cache.k.dtype)
         rows = torch.arange(B, device=self.device)
         cache.k[:, rows, :, lengths] = new_kv[:, :, 0]  # (B, L, K, Dh): each request at its own position
         cache.v[:, rows, :, lengths] = new_kv[:, :, 1]
-        return held, logits, shared[:, width].long()
+        return held, on_rank, logits, shared[:, width].long()
 
     # ------------------------------------------------------------------ layers
 
-    def _embed(self, tokens: Tensor) -> Tensor:
-        return self.model.tok_embeddings(tokens)  # (n, T, D)
-
-    def _logits(self, h: Tensor) -> Tensor:
-        return self.model.output(self.model.norm(h))  # (n, V)
-
     def _attention(self, block: Block, h: Tensor, start: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        """Attention of tokens h (n, T, D) at positions start + t; writes their K/V into the caches (n, K, S, Dh)."""
+        """h (n, T, D) plus its attention at positions start + t; writes the tokens' K/V into the caches (n, K, S, Dh).
+
+        The caches are whichever request rows this rank runs.
+        """
         n, T, _ = h.shape
         if n == 0:
-            return torch.zeros_like(h)
+            return h
         pos = start[:, None] + torch.arange(T, device=self.device)  # (n, T)
-        cos, sin = rope_cos_sin(pos, self.model.inv_freq)
         mask = causal_mask(pos, int(pos.max()) + 1, self.cfg.sliding_window)  # (n, 1, T, S)
-        return block.attention(block.attention_norm(h), cos, sin, mask, (k_cache, v_cache), pos)
+        return block.attend(h, *self.model.rope(pos), mask, (k_cache, v_cache), pos)
 
     def _route(self, block: Block, x: Tensor) -> tuple[Tensor, Tensor]:
         return route_top_k(block.feed_forward.gate(x), self.cfg.experts_per_token, self.cfg.norm_topk_prob)
@@ -376,22 +382,26 @@ class ExpertParallel:
         ffn = block.feed_forward
         return expert_outputs(x, self.local_index[layer][experts], ffn.w13, ffn.w2)
 
-    def _standard_moe(self, comm: _Comm, block: Block, layer: int, x: Tensor) -> Tensor:
-        """Dispatch each token's k copies to its experts' ranks, combine the outputs at home: (N, D)."""
+    def _standard_moe(self, comm: _Comm, block: Block, layer: int, on_rank: Tensor, x: Tensor) -> Tensor:
+        """Dispatch each token's k copies to its experts' ranks, combine the outputs at home: (N, D).
+
+        ``on_rank`` (G,): the tokens each rank routes.
+        """
         k, D = self.cfg.experts_per_token, self.cfg.dim
         weights, experts = self._route(block, x)  # (N, k) each
         payload = torch.cat((x.repeat_interleave(k, 0).float(), experts.flatten()[:, None].float()), 1)
-        slots = self._slots(layer, comm.held, k)
+        slots = self._slots(layer, on_rank, k)
         received, route = comm.dispatch(payload, self.gpu_of[layer][experts.flatten()], slots)  # (m, D+1)
         y = self._experts(block, layer, received[:, :D].to(x.dtype), received[:, D].long())  # (m, D)
         y = comm.reply(y.float(), route).to(x.dtype).view(-1, k, D)  # (N, k, D)
         return (y * weights.to(x.dtype)[..., None]).sum(dim=1)
 
-    def _coherent_moe(self, comm: _Comm, block: Block, layer: int, held: Tensor, h: Tensor
-                      ) -> tuple[Tensor, Tensor]:
+    def _coherent_moe(self, comm: _Comm, block: Block, layer: int, on_rank: Tensor, held: Tensor, h: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
         """Send each token (with its residual h (n, D)) to its experts' ranks and leave it there.
 
-        Returns the requests now on this rank and their hidden states (n', D), ordered by request.
+        ``on_rank`` (G,): the tokens on each rank. Returns the requests now on this rank, the tokens now on
+        each rank (G,), and this rank's hidden states (n', D), ordered by request.
         """
         k, D = self.cfg.experts_per_token, self.cfg.dim
         weights, experts = self._route(block, block.ffn_norm(h))  # (n, k) each
@@ -404,9 +414,9 @@ class ExpertParallel:
         tally = [torch.bincount(dest[:, 0], minlength=self.world)]
         if k > 1:
             tally.append(torch.bincount(dest[:, 1:].flatten(), minlength=self.world))
-        received, route = comm.dispatch(payload.flatten(0, 1), dest.flatten(), self._slots(layer, comm.held, k),
+        received, route = comm.dispatch(payload.flatten(0, 1), dest.flatten(), self._slots(layer, on_rank, k),
                                         torch.cat(tally))  # (m, D + 5)
-        comm.held = route.notes[:, :self.world].sum(0).cpu()  # (G,) where the tokens are now
+        on_rank = route.notes[:, :self.world].sum(0).cpu()  # (G,) where the tokens are now
         h_in, weight = received[:, :D].to(h.dtype), received[:, D:D + 1].to(h.dtype)
         request, expert, to_rank, choice = received[:, D + 1:].long().unbind(1)
         y = self._experts(block, layer, block.ffn_norm(h_in), expert) * weight  # (m, D)
@@ -421,10 +431,10 @@ class ExpertParallel:
             # Rank q sends rank p the secondary outputs of tokens continuing on p: no more than q received, and
             # no more than min(k - 1, experts on q) per token on p.
             received_secondary = route.notes[:, self.world:].sum(0).cpu()  # (G,)
-            slots = torch.minimum(received_secondary[:, None], self._slots(layer, comm.held, k - 1).T)
+            slots = torch.minimum(received_secondary[:, None], self._slots(layer, on_rank, k - 1).T)
             arrived, _ = comm.dispatch(extra, to_rank[secondary], slots)
             out.index_add_(0, torch.searchsorted(now_held, arrived[:, D].long()), arrived[:, :D].to(out.dtype))
-        return now_held, out
+        return now_held, on_rank, out
 
     # ------------------------------------------------------------------ helpers
 

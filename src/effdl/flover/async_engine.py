@@ -4,7 +4,12 @@ Callers on the event loop never wait for a forward: new requests and aborts
 go through an inbox that the loop thread drains between steps, and each
 step's outputs come back to the caller's ``asyncio.Queue`` thread-safely.
 Leaving a ``generate`` iterator early (a client that disconnected) aborts the
-request and frees its slot.
+request and frees its slot. The loop uses only ``Engine``'s public API.
+
+A step that fails outside any one request fails what is in flight and the
+loop goes on serving; a ``RunnerFailure`` (a tensor-parallel rank is gone)
+ends the loop: what is in flight fails, and every later request is refused
+with ``EngineStopped``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from effdl.errors import EffdlError
-from effdl.flover.engine import Engine
+from effdl.flover.engine import Engine, RunnerFailure
 from effdl.flover.request import Request, RequestOutput, SamplingParams
-from effdl.flover.scheduler import QueueFull
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class EngineStopped(EffdlError):
+    """The engine loop has ended because its runner failed; no request can be served. The server answers 503."""
 
 
 @dataclass
@@ -62,9 +70,11 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._accepting = True
+        self._door = threading.Lock()  # held while a request is let in, and while the door closes
+        self.failure: str | None = None  # why the loop stopped, after a RunnerFailure
         self.ttft, self.latency = Histogram(), Histogram()
         self.tokens_total = 0
-        self._gauges = self._read_gauges()
+        self._gauges = engine.gauges()
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of the last steps, for tokens/s
 
     # -- lifecycle ----------------------------------------------------------------------------------------
@@ -78,7 +88,8 @@ class AsyncEngine:
 
     async def shutdown(self, drain: bool = True, timeout_s: float = 30.0) -> None:
         """Stop taking requests; let running ones finish (``drain``) or abort them; stop the loop thread."""
-        self._accepting = False
+        with self._door:
+            self._accepting = False
         deadline = time.monotonic() + timeout_s
         while drain and self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -95,15 +106,22 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Each step's output for this request until it finishes; raises ``EffdlError`` if it cannot start."""
-        if not self._accepting or not self._running:
-            raise EffdlError("the engine is shutting down")
-        request = self.engine.make_request(prompt, params, request_id)  # validation errors surface here
-        if self.engine.scheduler.num_waiting + self._inbox.qsize() >= self.engine.scheduler.max_queue:
-            raise QueueFull(f"the queue holds {self.engine.scheduler.max_queue} waiting requests; retry later")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request)
-        self._streams[request.id] = stream
-        self._inbox.put(("add", request))
+        """Each step's output for this request until it finishes.
+
+        Raises ``EffdlError`` if it cannot start: ``QueueFull`` for a full
+        queue, ``EngineStopped`` once the runner has failed (also for a
+        request that was waiting then and had streamed nothing).
+        """
+        with self._door:  # the loop cannot close the door between these checks and the inbox
+            if self.failure is not None:
+                raise EngineStopped(self.failure)
+            if not self._accepting or not self._running:
+                raise EffdlError("the engine is shutting down")
+            request = self.engine.make_request(prompt, params, request_id)  # validation errors surface here
+            self.engine.check_room(pending=self._inbox.qsize())
+            stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), request)
+            self._streams[request.id] = stream
+            self._inbox.put(("add", request))
         self._wake.set()
         finished = False
         try:
@@ -132,29 +150,40 @@ class AsyncEngine:
         while self._running:
             try:
                 self._iterate()
+            except RunnerFailure as failure:  # no step can run again: fail what is in flight, close, end
+                with self._door:
+                    self._accepting = False
+                    self.failure = f"the engine has stopped: its runner failed ({failure}); restart the server"
+                self._running = False
+                self._fail_in_flight(EngineStopped(self.failure))
             except Exception as error:  # a bug outside any one request: fail what is in flight, keep serving
-                for request_id in list(self.engine.requests):
-                    self.engine.abort(request_id)
-                for request_id, stream in list(self._streams.items()):
-                    self._streams.pop(request_id, None)
-                    stream.loop.call_soon_threadsafe(stream.outputs.put_nowait,
-                                                     EffdlError(f"engine step failed: {error!r}"))
+                self._fail_in_flight(EffdlError(f"engine step failed: {error!r}"))
+
+    def _fail_in_flight(self, error: EffdlError) -> None:
+        """Abort every request; one that has streamed nothing raises ``error``, the others end with it."""
+        self.engine.abort_all()
+        self._gauges = self.engine.gauges()
+        for request_id, stream in list(self._streams.items()):
+            self._streams.pop(request_id, None)
+            item = error if stream.first_token is None else RequestOutput(
+                request_id, [], "", True, "error", error=str(error), num_prompt_tokens=len(stream.request.prompt),
+                num_output_tokens=len(stream.request.output))
+            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, item)
 
     def _iterate(self) -> None:
         self._drain_inbox()
         if not self.engine.has_unfinished():
-            self._gauges = self._read_gauges()
+            self._gauges = self.engine.gauges()
             self._wake.wait(self.idle_wait_s)
             self._wake.clear()
             return
-        steps = self.engine.stats["steps"]
-        outputs = self.engine.step()
-        self._gauges = self._read_gauges()
-        if self.engine.stats["steps"] == steps:  # nothing to run: a static batch is still filling up
-            due = self.engine.scheduler.next_admission()
+        outcome = self.engine.step()
+        self._gauges = self.engine.gauges()
+        if not outcome.ran:  # a static batch is still filling up
+            due = outcome.due
             self._wake.wait(max(0.0, min(self.idle_wait_s, due - time.monotonic())) if due else 0.001)
             self._wake.clear()
-        self._publish(outputs)
+        self._publish(outcome.outputs)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -191,13 +220,8 @@ class AsyncEngine:
 
     # -- observability ------------------------------------------------------------------------------------
 
-    def _read_gauges(self) -> dict[str, int]:
-        """Scheduler counts, read on the loop thread so ``metrics()`` never iterates state it is changing."""
-        scheduler = self.engine.scheduler
-        return {"queue_length": scheduler.num_waiting, "live_slots": scheduler.num_running,
-                "free_slots": scheduler.slots.n_free}
-
     def metrics(self) -> dict[str, float]:
+        """Gauges (read by the loop thread after each step, never from here) and token counters."""
         now = time.monotonic()
         recent = [(t, n) for t, n in self._recent if now - t < 10.0]
         span = now - recent[0][0] if len(recent) > 1 else 0.0

@@ -1,7 +1,8 @@
 """The engine loop: schedule, execute, then sample and stop each request.
 
 ``Engine.step()`` is one iteration of the whole system; everything policy-
-specific lives in the scheduler, everything tensor-specific in the runner.
+specific lives in the scheduler, everything tensor-specific in the runner,
+and the sampling and stop rules in ``sampling`` (pure functions).
 A failure confined to one request (its sampling, its detokenisation) fails
 that request only; a failed forward fails the requests it carried. Either
 way the engine goes on serving the rest, unless the runner itself is lost
@@ -13,17 +14,18 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from effdl.core.config import ModelConfig
-from effdl.core.generate import sample_next
 from effdl.core.tokenizer import Tokenizer
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.flover.request import Request, RequestOutput, SamplingParams
 from effdl.flover.runner import ModelRunner
+from effdl.flover.sampling import find_stop, held_back, logprob_entry, sample_token, stop_reason
 from effdl.flover.scheduler import Scheduler, StepPlan
 
 DEFAULT_MAX_LEN = 4096
@@ -40,6 +42,15 @@ def default_max_len(config: ModelConfig) -> int:
 
 class RunnerFailure(RuntimeError):
     """The runner can execute no further step (a tensor-parallel rank failed and the group is gone)."""
+
+
+@dataclass
+class StepOutcome:
+    """What one ``Engine.step()`` did."""
+
+    ran: bool  # a plan executed; False when nothing could run yet (a static batch still filling up)
+    outputs: list[RequestOutput] = field(default_factory=list)  # one per request that sampled or failed
+    due: float | None = None  # when nothing ran: the monotonic time the waiting batch is due, if one is
 
 
 class Engine:
@@ -79,6 +90,7 @@ class Engine:
         return request
 
     def enqueue(self, request: Request) -> None:
+        """Queue a request made by ``make_request``; raises ``EffdlError`` (``QueueFull`` when full)."""
         if request.id in self.requests:
             raise EffdlError(f"request id {request.id!r} is already in use")
         self.scheduler.add(request)
@@ -104,17 +116,39 @@ class Engine:
         if request is not None and not request.finished:
             self.scheduler.finish(request, "abort")
 
+    def abort_all(self) -> None:
+        """Abort every request the engine holds."""
+        for request_id in list(self.requests):
+            self.abort(request_id)
+
     def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running, so that ``step()`` has something to do."""
         return self.scheduler.has_work()
+
+    def check_room(self, pending: int = 0) -> None:
+        """Raise ``QueueFull`` if the waiting queue, with ``pending`` requests on their way to it, is full.
+
+        The one bound on the queue: ``enqueue`` applies it, and a front that
+        holds requests before enqueueing them (``AsyncEngine``) asks it first.
+        """
+        self.scheduler.check_room(pending)
+
+    def gauges(self) -> dict[str, int]:
+        """Requests waiting for a slot, requests holding one, and free slots."""
+        return {"queue_length": self.scheduler.num_waiting, "live_slots": self.scheduler.num_running,
+                "free_slots": self.scheduler.slots.n_free}
 
     # -- one iteration ------------------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns what each request carried by it produced (tokens, text, the end)."""
+    def step(self) -> StepOutcome:
+        """Run one iteration: what each request carried by it produced, or when to try again if nothing ran."""
         plan = self.scheduler.schedule(time.monotonic())
         if plan.empty:
-            return []
+            return StepOutcome(ran=False, due=self.scheduler.next_admission())
         self._count(plan)
+        return StepOutcome(ran=True, outputs=self._execute(plan))
+
+    def _execute(self, plan: StepPlan) -> list[RequestOutput]:
         try:
             ids, logits = self.runner.execute(plan)
         except RunnerFailure:
@@ -144,28 +178,11 @@ class Engine:
     def _advance(self, request: Request, logits: Tensor) -> RequestOutput:
         """Sample ``request``'s next token from its logits (V,), then apply its stop rules."""
         p = request.params
-        token = int(sample_next(logits[None], p.temperature, p.top_p, p.top_k, request.generator)[0])
+        token = sample_token(logits, p, request.generator)
         request.output.append(token)
-        new_logprobs = []
-        if p.logprobs is not None:
-            logp = logits.log_softmax(-1)
-            top = logp.topk(p.logprobs) if p.logprobs else None
-            entry = {token: float(logp[token])}
-            if top is not None:
-                entry.update(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-            new_logprobs = [entry]
-
-        stop_ids = set(p.stop_token_ids) | ({self.config.eos_id} if self.config.eos_id is not None
-                                            and not p.ignore_eos else set())
-        reason = "stop" if token in stop_ids else "length" if len(request.output) >= p.max_tokens else None
-        text = self._visible_text(request, strip_last=reason == "stop")
-        if p.stop:
-            hit = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-            if hit >= 0:
-                text, reason = text[:hit], "stop"
-        if reason is None:
-            text = text[:len(text) - self._held_back(text, p.stop)]
-        new_text, request.text = text[len(request.text):], text
+        new_logprobs = [logprob_entry(logits, token, p.logprobs)] if p.logprobs is not None else []
+        reason = stop_reason(token, len(request.output), p, self.config.eos_id)
+        new_text, reason = self._detokenize(request, reason)
         if reason is not None:
             self.scheduler.finish(request, reason)
             self.requests.pop(request.id, None)
@@ -173,17 +190,20 @@ class Engine:
                              new_logprobs=new_logprobs, num_prompt_tokens=len(request.prompt),
                              num_output_tokens=len(request.output))
 
-    def _visible_text(self, request: Request, strip_last: bool) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(request.output[:-1] if strip_last else request.output)
+    def _detokenize(self, request: Request, reason: str | None) -> tuple[str, str | None]:
+        """The text new since the last step, and ``reason`` ("stop" once a stop string appears).
 
-    @staticmethod
-    def _held_back(text: str, stop: Sequence[str]) -> int:
-        """How many trailing characters to hold back: a partial character, or the start of a stop string."""
-        if text.endswith("\ufffd"):
-            return len(text) - len(text.rstrip("\ufffd"))  # an unfinished multi-byte character
-        return max((j for s in stop for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
+        A stop token is not shown; text from a stop string on is cut; a tail
+        that may still grow into a stop string (or a character) is held back.
+        """
+        p, shown = request.params, request.output[:-1] if reason == "stop" else request.output
+        text = self.tokenizer.decode(shown) if self.tokenizer is not None else ""
+        if (hit := find_stop(text, p.stop)) >= 0:
+            text, reason = text[:hit], "stop"
+        if reason is None:
+            text = text[:len(text) - held_back(text, p.stop)]
+        new_text, request.text = text[len(request.text):], text
+        return new_text, reason
 
     def _fail(self, request: Request, message: str) -> RequestOutput:
         request.error = message
@@ -201,7 +221,7 @@ class Engine:
         ids = [self.add_request(p, params) for p in prompts]
         outputs: dict[str, list[int]] = {rid: [] for rid in ids}
         while self.has_unfinished():
-            for out in self.step():
+            for out in self.step().outputs:
                 if out.error:
                     raise EffdlError(f"request {out.id} failed: {out.error}")
                 outputs[out.id] += out.new_token_ids

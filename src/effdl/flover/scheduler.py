@@ -84,9 +84,13 @@ class Scheduler:
     # -- bookkeeping --------------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
-        if len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"the queue holds {self.max_queue} waiting requests; retry later")
+        self.check_room()
         self.waiting.append(request)
+
+    def check_room(self, pending: int = 0) -> None:
+        """Raise ``QueueFull`` if ``pending`` more requests would find the waiting queue at its bound."""
+        if len(self.waiting) + pending >= self.max_queue:
+            raise QueueFull(f"the queue holds {self.max_queue} waiting requests; retry later")
 
     def finish(self, request: Request, reason: str) -> None:
         """End ``request``. Its slot frees at once, except inside a static batch, which keeps it to the end."""

@@ -4,7 +4,7 @@ Routes: ``POST /v1/completions`` (prompt as text or token ids, as OpenAI's
 legacy API and vLLM accept), ``POST /v1/chat/completions``, both streaming
 (Server-Sent Events) or not; ``GET /v1/models``, ``/health`` and ``/metrics``
 (Prometheus text). Errors are OpenAI-style JSON with a 4xx code (503 when the
-queue is full); a client that disconnects has its request aborted.
+queue is full or the engine has stopped); a client that disconnects has its request aborted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from effdl.core.hf import load_checkpoint
 from effdl.core.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, Tokenizer, load_tokenizer
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
-from effdl.flover.async_engine import AsyncEngine
+from effdl.flover.async_engine import AsyncEngine, EngineStopped
 from effdl.flover.engine import Engine
 from effdl.flover.request import RequestOutput, SamplingParams
 from effdl.flover.scheduler import QueueFull
@@ -245,7 +245,7 @@ async def _start(engine: AsyncEngine, prompt: str | list[int], params: SamplingP
     stream = engine.generate(prompt, params, request_id)
     try:
         first = await stream.__anext__()
-    except QueueFull as error:
+    except (QueueFull, EngineStopped) as error:
         raise APIError(503, str(error), "server_busy") from error
     except EffdlError as error:
         raise APIError(400, str(error), param="prompt") from error
