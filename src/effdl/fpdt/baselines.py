@@ -14,11 +14,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from effdl.core.trainer import lm_loss
-from effdl.core.transformer import Transformer, rope_cos_sin
+from effdl.core.transformer import Transformer
 from effdl.fpdt.model import (
     IGNORE_INDEX,
     ChunkPipeline,
     FPDTConfig,
+    ce_sum,
     check_model,
     on_backward_end,
     pad_to_multiple,
@@ -36,11 +37,11 @@ def plain_loss(model: Transformer, tokens: Tensor, targets: Tensor) -> Tensor:
 def checkpointed_loss(model: Transformer, tokens: Tensor, targets: Tensor) -> Tensor:
     """Activation checkpointing per layer: only layer inputs are kept; each layer is recomputed in the backward."""
     T = tokens.shape[1]
-    cos, sin = rope_cos_sin(torch.arange(T, device=tokens.device)[None], model.inv_freq)  # (1, 1, T, Dh)
-    h = model.tok_embeddings(tokens)  # (B, T, D)
+    cos, sin = model.rope(torch.arange(T, device=tokens.device)[None])  # (1, 1, T, Dh)
+    h = model.embed(tokens)  # (B, T, D)
     for layer in model.layers:
         h = checkpoint(layer, h, cos, sin, None, use_reentrant=False)
-    logits = model.output(model.norm(h)).float()  # (B, T, V)
+    logits = model.head(h).float()  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
@@ -55,15 +56,13 @@ def ulysses_loss(model: Transformer, tokens: Tensor, targets: Tensor, group: dis
     S = tokens.shape[1]
     cfg = FPDTConfig(chunk_size=S, offload="none", sp_size=world)
     check_model(model, cfg, S, group)
-    pipe = ChunkPipeline(model, cfg, S, group, OffloadStore())
     index = local_token_index(S, S, world, group_rank(group)).to(tokens.device)  # (S / P,)
-    h = model.tok_embeddings(tokens[:, index])  # (B, S / P, D)
+    pipe = ChunkPipeline(model, cfg, S, group, OffloadStore(), index)
+    h = model.embed(tokens[:, index])  # (B, S / P, D)
     for layer in model.layers:
         q, k, v = pipe.project_qkv(layer, h, 0)  # (B, H / P, S, Dh), (B, K / P, S, Dh) x2
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         h = pipe.residual_and_ffn(layer, h, out)
-    logits = model.output(model.norm(h)).float()  # (B, S / P, V)
-    local = F.cross_entropy(logits.flatten(0, 1), targets[:, index].flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")
+    local = ce_sum(model, h, targets[:, index])
     loss = sum_across_ranks(local / (targets != IGNORE_INDEX).sum().clamp_min(1), group)
     return on_backward_end(loss, lambda: sum_gradients(model, group))

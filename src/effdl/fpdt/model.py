@@ -12,20 +12,24 @@ attention state. Per layer (``_FPDTBlock``):
 
 forward, for chunk i = 0..u-1:
     store x_i (the layer input: activation checkpointing into the store);
-    q, k, v = RoPE(all-to-all(wqkv(norm(x_i))))   -> store q_i, k_i, v_i
+    q, k, v = all-to-all(layer.qkv(x_i))   -> store q_i, k_i, v_i
+              (RoPE at each local token's global position, so it commutes with the all-to-all)
     out_i, lse_i = merge over j <= i of attention(q_i, k_j, v_j)   (k/v prefetched)
-    store out_i, lse_i;  y_i = h_i + FFN(norm(h_i)), h_i = x_i + wo(all-to-all(out_i))
+    store out_i, lse_i;  y_i = layer.ffn_residual(layer.attention_residual(x_i, all-to-all(out_i)))
 backward:
-    per chunk: recompute h_i from x_i and out_i, backprop FFN and wo -> dx_i (residual part),
+    per chunk: recompute y_i from x_i and out_i, backprop FFN and output projection -> dx_i (residual part),
                dout_i -> store
     outer loop over KV chunk j, inner over query chunks i >= j, from the stored
     out/lse (no attention recompute); dq_i waits in the store between visits.
     When chunk j's dq/dk/dv are final, backprop the QKV projection of chunk j.
 
-The LM head + cross-entropy runs per chunk and is recomputed per chunk in
-the backward (``_ChunkedLMLoss``), so the [S, V] logits never exist. With
-P > 1, the process group's ranks each hold their share of the sequence, and
-parameter gradients are summed over the group when the backward pass ends.
+The LM head (``model.head``) + cross-entropy runs per chunk and is
+recomputed per chunk in the backward (``_ChunkedLMLoss``), so the [S, V]
+logits never exist. With P > 1, the process group's ranks each hold their
+share of the sequence, and parameter gradients are summed over the group when
+the backward pass ends. FPDT touches the model only through its seams
+(``embed``, ``rope``, ``Block.qkv`` / ``attention_residual`` /
+``ffn_residual``, ``head``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from effdl.core.config import ModelConfig
-from effdl.core.transformer import Block, Transformer, apply_rope, rope_cos_sin
+from effdl.core.transformer import Block, Transformer
 from effdl.errors import EffdlError
 from effdl.fpdt.attention import BACKENDS, attend_query_chunk, attention_backward_chunks, chunk_bounds
 from effdl.fpdt.store import OFFLOAD_KINDS, OffloadStore, make_store
@@ -109,11 +113,15 @@ def spill_bytes(cfg: ModelConfig, batch: int, seq_len: int, sp_size: int, elem: 
 
 
 class ChunkPipeline:
-    """What every layer's chunk loop shares for one training step: layout, positions, store, process group."""
+    """What every layer's chunk loop shares for one training step: layout, positions, store, process group.
+
+    ``index`` (S_l,) holds the global positions of this rank's tokens in local
+    order (``local_token_index``), on the activations' device.
+    """
 
     def __init__(self, model: Transformer, cfg: FPDTConfig, seq_len: int, group: dist.ProcessGroup | None,
-                 store: OffloadStore):
-        self.model, self.cfg, self.group, self.store = model, cfg, group, store
+                 store: OffloadStore, index: Tensor):
+        self.model, self.cfg, self.group, self.store, self.index = model, cfg, group, store, index
         world = group_size(group)
         self.global_bounds = chunk_bounds(seq_len, cfg.chunk_size)
         sizes = [(end - start) // world for start, end in self.global_bounds]
@@ -122,29 +130,26 @@ class ChunkPipeline:
         self.n_chunks = len(self.global_bounds)
         self.scale = model.config.head_dim ** -0.5
 
-    def rope(self, i: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """cos/sin (1, 1, C_i, Dh) at chunk i's global positions."""
-        start, end = self.global_bounds[i]
-        return rope_cos_sin(torch.arange(start, end, device=device)[None], self.model.inv_freq)
+    def rope(self, i: int) -> tuple[Tensor, Tensor]:
+        """cos/sin (1, 1, c_i, Dh) at the global positions of this rank's tokens of chunk i."""
+        start, end = self.local_bounds[i]
+        return self.model.rope(self.index[None, start:end])
 
     def project_qkv(self, layer: Block, x: Tensor, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Chunk i's local tokens (B, c_i, D) -> q (B, H_p, C_i, Dh), k/v (B, K_p, C_i, Dh), roped, heads-sharded."""
-        attn = layer.attention
-        B, c, _ = x.shape
-        H, K, Dh = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        q, k, v = attn.wqkv(layer.attention_norm(x)).split([H * Dh, K * Dh, K * Dh], dim=-1)  # (B, c, *)
-        q = all_to_all_seq_to_heads(q.view(B, c, H, Dh), self.group)  # (B, H_p, C_i, Dh)
-        k = all_to_all_seq_to_heads(k.view(B, c, K, Dh), self.group)  # (B, K_p, C_i, Dh)
-        v = all_to_all_seq_to_heads(v.view(B, c, K, Dh), self.group)  # (B, K_p, C_i, Dh)
-        cos, sin = self.rope(i, x.device)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        """Chunk i's local tokens (B, c_i, D) -> q (B, H_p, C_i, Dh), k/v (B, K_p, C_i, Dh), roped, heads-sharded.
+
+        RoPE is applied before the all-to-all, each token at its own global
+        position; the all-to-all only moves whole (token, head) rows, so this
+        equals roping the gathered chunk after it.
+        """
+        q, k, v = layer.qkv(x, *self.rope(i))  # (B, H, c_i, Dh), (B, K, c_i, Dh) x2
+        return tuple(all_to_all_seq_to_heads(t.transpose(1, 2), self.group)  # (B, c_i, *, Dh) -> (B, *_p, C_i, Dh)
+                     for t in (q, k, v))
 
     def residual_and_ffn(self, layer: Block, x: Tensor, out: Tensor) -> Tensor:
-        """y = h + FFN(norm(h)), h = x + wo(out): x (B, c, D) and the attention output (B, H_p, C, Dh) -> (B, c, D)."""
-        B, c, _ = x.shape
-        out = all_to_all_heads_to_seq(out, self.group).reshape(B, c, -1)  # (B, c, H*Dh)
-        h = x + layer.attention.wo(out)
-        return h + layer.feed_forward(layer.ffn_norm(h))
+        """Block output (B, c, D) from its input x (B, c, D) and the heads-sharded attention output (B, H_p, C, Dh)."""
+        out = all_to_all_heads_to_seq(out, self.group).transpose(1, 2)  # (B, c, H, Dh) -> (B, H, c, Dh)
+        return layer.ffn_residual(layer.attention_residual(x, out))
 
 
 class _FPDTBlock(torch.autograd.Function):
@@ -232,8 +237,9 @@ def sum_gradients(model: nn.Module, group: dist.ProcessGroup | None) -> None:
             dist.all_reduce(p.grad, group=group)
 
 
-def _ce_sum(norm: nn.Module, head: nn.Module, h: Tensor, targets: Tensor) -> Tensor:
-    logits = head(norm(h)).float()  # (B, c, V): one chunk's logits only
+def ce_sum(model: Transformer, h: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of hidden states (B, c, D) against targets (B, c); -100 is ignored."""
+    logits = model.head(h).float()  # (B, c, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -253,8 +259,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
     def forward(ctx, h: Tensor, model: Transformer, targets: Tensor, chunk: int, store: OffloadStore) -> Tensor:
         ctx.save_for_backward(h, targets)
         ctx.model, ctx.chunk, ctx.store = model, chunk, store
-        return sum(_ce_sum(model.norm, model.output, h[:, s:e], targets[:, s:e])
-                   for s, e in chunk_bounds(h.shape[1], chunk))
+        return sum(ce_sum(model, h[:, s:e], targets[:, s:e]) for s, e in chunk_bounds(h.shape[1], chunk))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
@@ -263,7 +268,7 @@ class _ChunkedLMLoss(torch.autograd.Function):
         with ctx.store.close_on_error(), torch.enable_grad():
             for start, end in chunk_bounds(h.shape[1], ctx.chunk):
                 h_c = h[:, start:end].detach().requires_grad_()
-                torch.autograd.backward(_ce_sum(ctx.model.norm, ctx.model.output, h_c, targets[:, start:end]), grad)
+                torch.autograd.backward(ce_sum(ctx.model, h_c, targets[:, start:end]), grad)
                 dh[:, start:end] = h_c.grad
         return dh, None, None, None, None
 
@@ -313,14 +318,13 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
     tokens, targets = pad_to_multiple(tokens, targets, world)
     B, S = tokens.shape
     index = local_token_index(S, cfg.chunk_size, world, rank).to(tokens.device)  # (S_l,)
-    elem = model.tok_embeddings.weight.element_size()
+    h = model.embed(tokens[:, index])  # (B, S_l, D)
     store = make_store(cfg.offload, cfg.spill_dir,
-                       spill_bytes(model.config, B, S, world, elem) if cfg.offload == "disk" else 0)
+                       spill_bytes(model.config, B, S, world, h.element_size()) if cfg.offload == "disk" else 0)
     if on_store is not None:
         on_store(store)
     with store.close_on_error():
-        pipe = ChunkPipeline(model, cfg, S, group, store)
-        h = model.tok_embeddings(tokens[:, index])  # (B, S_l, D)
+        pipe = ChunkPipeline(model, cfg, S, group, store, index)
         for i in range(len(model.layers)):
             h = _FPDTBlock.apply(h, pipe, i)
         local_targets = targets[:, index]  # (B, S_l)
