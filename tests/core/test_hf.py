@@ -128,3 +128,17 @@ def test_truncated_safetensors(tmp_path):
 def test_load_config_reads_folder(tmp_path):
     save_checkpoint(Transformer(ModelConfig.preset("moe-tiny")), tmp_path)
     assert load_config(tmp_path) == ModelConfig.preset("moe-tiny")
+
+
+def test_model_folder_serves_a_run_folders_newest_checkpoint(tmp_path):
+    from effdl.core.hf import model_folder
+
+    for step in (100, 200):
+        (tmp_path / f"checkpoint-{step:06d}").mkdir()
+        (tmp_path / f"checkpoint-{step:06d}" / "config.json").write_text("{}")
+    (tmp_path / "checkpoint-000300").mkdir()  # an interrupted save without a model: never served
+    assert model_folder(tmp_path) == tmp_path / "checkpoint-000200"
+    assert model_folder(tmp_path / "checkpoint-000100") == tmp_path / "checkpoint-000100"
+    assert model_folder(tmp_path / "missing") == tmp_path / "missing"  # the loader names the missing path
+    with pytest.raises(EffdlError, match="neither a model"):
+        model_folder(tmp_path / "checkpoint-000300")

@@ -87,6 +87,18 @@ def _split(name: str, tensor: Tensor, cfg: ModelConfig) -> list[Tensor]:
 # --------------------------------------------------------------------------- loading
 
 
+def model_folder(path: str | Path) -> Path:
+    """``path`` if it holds a model (``config.json``) or does not exist (the loader then says so), else the
+    newest ``checkpoint-*`` folder inside it that holds one: a training run's folder serves its last checkpoint."""
+    path = Path(path)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return path
+    candidates = sorted(p for p in path.glob("checkpoint-*") if (p / "config.json").is_file())
+    if not candidates:
+        raise EffdlError(f"{path} holds neither a model (config.json) nor a checkpoint-* folder with one")
+    return candidates[-1]
+
+
 def load_config(path: str | Path) -> ModelConfig:
     """The ``ModelConfig`` of a checkpoint folder."""
     folder = _checkpoint_folder(path)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from effdl.core.config import ModelConfig
 from effdl.core.data import TokenBatches, corpus_tokens
+from effdl.core.device import resolve_device
 from effdl.core.hf import load_checkpoint, save_checkpoint
 from effdl.core.tokenizer import ByteTokenizer
 from effdl.core.transformer import Transformer
@@ -96,12 +97,6 @@ def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: fl
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     return warmup_cosine_lr(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -230,13 +225,6 @@ def latest_checkpoint(path: str | Path) -> Path:
     if not candidates:
         raise EffdlError(f"{path} is not a training checkpoint and holds no checkpoint-* folder to resume from")
     return candidates[-1]
-
-
-def model_folder(path: str | Path) -> Path:
-    """``path`` if it holds a model (``config.json``) or does not exist (the loader then says so), else the
-    newest training checkpoint of the run folder it is."""
-    path = Path(path)
-    return latest_checkpoint(path) if path.is_dir() and not (path / "config.json").is_file() else path
 
 
 def autocast_for(device: torch.device) -> torch.autocast:

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from effdl.core.data import corpus_tokens
-from effdl.core.hf import load_checkpoint
-from effdl.core.trainer import model_folder
+from effdl.core.hf import load_checkpoint, model_folder
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.exflow.affinity import affinity_score, transition_counts

@@ -392,7 +392,7 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots:
     """
     import uvicorn
 
-    from effdl.core.trainer import resolve_device
+    from effdl.core.device import resolve_device
     from effdl.dist import process_group
     from effdl.flover.tp import tp_engine
 

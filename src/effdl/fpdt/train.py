@@ -18,8 +18,9 @@ from torch import Tensor
 
 from effdl.core.config import ModelConfig
 from effdl.core.data import corpus_tokens
+from effdl.core.device import resolve_device
 from effdl.core.hf import load_checkpoint, load_config
-from effdl.core.trainer import TrainConfig, TrainResult, latest_checkpoint, resolve_device, train
+from effdl.core.trainer import TrainConfig, TrainResult, latest_checkpoint, train
 from effdl.core.transformer import Transformer
 from effdl.dist import process_group
 from effdl.errors import EffdlError
