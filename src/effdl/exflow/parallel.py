@@ -91,6 +91,17 @@ class CommStats:
                 out.kv_sync_bytes[phase] += s.kv_sync_bytes[phase]
         return out
 
+    def decode_table(self, steps: int, world: int) -> tuple[list[str], list[list[float]]]:
+        """(columns, one row per MoE layer) of the decode traffic per step, over ``steps`` decode steps of merged
+        stats on ``world`` ranks: collectives issued, token rows to other ranks, and bytes to other ranks per rank."""
+        steps = max(steps, 1)
+        columns = ["MoE layer", "all-to-alls per decode step", "size exchanges per step",
+                   "token rows to other ranks per step", "bytes to other ranks per rank per step (padding incl.)"]
+        per_layer = zip(self.all_to_all["decode"], self.size_exchanges["decode"], self.rows_cross["decode"],
+                        self.bytes_cross["decode"], strict=True)
+        return columns, [[layer, a / steps, c / steps, x / steps, b / steps / world]
+                         for layer, (a, c, x, b) in enumerate(per_layer)]
+
 
 @dataclass
 class Generation:

@@ -67,6 +67,14 @@ def bucket_means(curve: Tensor, edges: list[int]) -> list[float]:
     return [curve[a:b].mean().item() for a, b in itertools.pairwise(edges)]
 
 
+def position_buckets(curve: Tensor) -> list[tuple[int, int, float]]:
+    """``(first, end, mean loss)`` of a per-position loss ``curve`` (S,) over log-spaced buckets [0, 16), [16, 32),
+    [32, 64) ... [., S): fine where the loss falls fastest (early positions), coarse where it flattens."""
+    seq_len = curve.numel()
+    edges = [0] + [2**k for k in range(4, seq_len.bit_length()) if 2**k < seq_len] + [seq_len]
+    return [(a, b, m) for (a, b), m in zip(itertools.pairwise(edges), bucket_means(curve, edges), strict=True)]
+
+
 @torch.no_grad()
 def loss_by_position(model: Transformer, seq_len: int, windows: int = 4, split: str = "val") -> Tensor:
     """Mean next-token loss (seq_len,) at each position over ``windows`` held-out windows of ``seq_len`` tokens.
