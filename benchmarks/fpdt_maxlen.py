@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from effdl.fpdt.memory import (
     gemm_flops,
     loss_fn_for,
     measure_step,
+    measure_step_fresh,
     release_large_frees,
     train_flops_per_token,
     warmed_model,
@@ -58,36 +57,12 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
                        vocab_size=258, max_seq_len=1 << 24)
 
 
-def child(args: argparse.Namespace) -> None:
-    """One (method, length) measurement in this fresh process (or torchrun rank); prints a JSON line on rank 0."""
-    release_large_frees()
-    group = None
-    if "RANK" in os.environ:
-        torch.distributed.init_process_group("gloo")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // torch.distributed.get_world_size()))
-    chunk = min(args.chunk, args.seq_len)
-    fpdt = FPDTConfig(chunk_size=chunk, offload=args.offload or "disk", sp_size=args.sp, spill_dir=args.spill_dir)
-    loss_fn = loss_fn_for(args.method, fpdt, group)
-    model, optimizer = warmed_model(model_config(args), loss_fn, warm_len=chunk)
-    result = measure_step(model, optimizer, loss_fn, args.seq_len, args.method, group=group)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps({"peak_mib": result.peak_bytes / MiB, "step_s": result.step_s}))
-    if "RANK" in os.environ:
-        torch.distributed.destroy_process_group()
-
-
 def run_child(method: str, sp: int, offload: str | None, seq_len: int, args: argparse.Namespace) -> dict:
-    launcher = [sys.executable] if sp == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                 f"--nproc-per-node={sp}"]
-    cmd = [*launcher, __file__, "--child", "--method", method, "--sp", str(sp), "--seq-len", str(seq_len),
-           "--chunk", str(args.chunk), "--dim", str(args.dim), "--layers", str(args.layers)]
-    if offload:
-        cmd += ["--offload", offload]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    """One (method, length) measurement in a fresh process (``sp`` under torchrun)."""
+    chunk = min(args.chunk, seq_len)
+    fpdt = FPDTConfig(chunk_size=chunk, offload=offload or "disk", sp_size=sp)
+    result = measure_step_fresh(method, model_config(args), seq_len, fpdt, ranks=sp, warm_len=chunk)
+    return {"peak_mib": result.peak_bytes / MiB, "step_s": result.step_s}
 
 
 def plot(path: Path = RESULTS / "fpdt_maxlen.json") -> None:
@@ -189,20 +164,12 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", help=argparse.SUPPRESS)
-    parser.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--offload", help=argparse.SUPPRESS)
-    parser.add_argument("--spill-dir", help=argparse.SUPPRESS)
     add_plot_only(parser)
     args = parser.parse_args()
     if args.plot_only:
         plot()
         return
     started = time.perf_counter()
-    if args.child:
-        child(args)
-        return
     {"memory": memory_part, "throughput": throughput_part, "plan-check": plan_check_part}[args.part](args)
     print(f"done in {time.perf_counter() - started:.0f}s")
 

@@ -4,59 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from effdl.report import machine_info, print_table
+from effdl.timing import time_interleaved  # noqa: F401  (the benchmarks' timing, shared with effdl demo)
 
 RESULTS = Path(__file__).parent / "results"
-
-
-@dataclass
-class Timing:
-    median_s: float
-    p25_s: float
-    p75_s: float
-    samples: list[float]
-
-    @property
-    def spread(self) -> float:
-        """Interquartile range relative to the median."""
-        return (self.p75_s - self.p25_s) / self.median_s
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int = 2, repeat: int = 7) -> dict[str, Timing]:
-    """Time several callables side by side: after ``warmup`` untimed rounds, ``repeat`` rounds that each
-    run every callable once, so drifts in machine speed (frequency, other load) hit all of them alike.
-    Wall clock, CUDA synchronised."""
-    import torch
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            samples[name].append(time.perf_counter() - start)
-    return {name: _timing(s) for name, s in samples.items()}
-
-
-def _timing(samples: list[float]) -> Timing:
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else samples * 3
-    return Timing(statistics.median(samples), q[0], q[2], samples)
 
 
 def report(name: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],

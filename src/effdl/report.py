@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from rich.table import Table
 console = Console(width=max(Console().width, 120))
 
 Row = Sequence[Any]
+# matplotlib's tab10: one colour per class, the same in every panel that shows that class.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
 
 
 def machine_info() -> dict[str, Any]:
@@ -65,7 +69,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path, tight: bool = True) -> Path:
-    if tight:  # not with a colorbar shared by several axes, which tight_layout cannot place
+    if tight:  # not for a figure with its own layout engine (``heatmaps``)
         fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -75,15 +79,22 @@ def _save(fig, path: str | Path, tight: bool = True) -> Path:
 
 
 def bar_plot(path: str | Path, categories: Sequence[str], series: dict[str, Sequence[float]], *, title: str,
-             ylabel: str) -> Path:
-    """One PNG of grouped bars: a group per category, a bar per named series."""
+             ylabel: str, hline: tuple[float, str] | None = None, value_format: str | None = None) -> Path:
+    """One PNG of grouped bars: a group per category, a bar per named series; ``value_format`` (e.g. "{:.2f} s")
+    writes each bar's value above it, ``hline`` draws a dashed reference line (value, legend label)."""
     fig, ax = _pyplot().subplots(figsize=(7, 4.2), dpi=110)
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
-        ax.bar(xs, values, width, label=name)
+        bars = ax.bar(xs, values, width, label=name)
+        if value_format is not None:
+            ax.bar_label(bars, labels=[value_format.format(v) for v in values], padding=2)
+    if hline is not None:
+        ax.axhline(hline[0], color="black", linestyle="--", linewidth=1.2, label=hline[1])
     ax.set_xticks(range(len(categories)), categories)
     ax.set(title=title, ylabel=ylabel)
+    if value_format is not None:
+        ax.margins(y=0.15)  # room above the tallest bar for its label
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
     return _save(fig, path)
@@ -96,8 +107,14 @@ def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequenc
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, label=name)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    xs = sorted({x for xs, _ in series.values() for x in xs})
     if logx:
         ax.set_xscale("log", base=2)
+        if len(xs) <= 12:  # ticks at the measured points, as plain numbers: "3,136" where powers of 2 say "2^11.6"
+            ax.set_xticks(xs, [f"{x:,g}" for x in xs])
+            ax.xaxis.set_minor_locator(_pyplot().NullLocator())
+    elif all(float(x).is_integer() for x in xs):  # steps, counts: no "2.25" ticks
+        ax.xaxis.get_major_locator().set_params(integer=True)
     if logy:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -117,7 +134,8 @@ def heatmaps(path: str | Path, matrices: Sequence[Any], titles: Sequence[str], *
              ylabel: str, colorbar: str) -> Path:
     """One PNG with a heatmap per matrix, side by side, on a shared colour scale."""
     n = len(matrices)
-    fig, axes = _pyplot().subplots(1, n, figsize=(3.4 * n + 0.8, 3.6), dpi=110, squeeze=False)
+    # Constrained layout places the shared colorbar beside the last panel, where tight_layout cannot.
+    fig, axes = _pyplot().subplots(1, n, figsize=(3.2 * n + 1.0, 3.6), dpi=110, squeeze=False, layout="constrained")
     vmax = max(float(m.max()) for m in matrices)
     for ax, matrix, sub in zip(axes[0], matrices, titles, strict=True):
         image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
@@ -126,3 +144,46 @@ def heatmaps(path: str | Path, matrices: Sequence[Any], titles: Sequence[str], *
     fig.colorbar(image, ax=axes[0].tolist(), label=colorbar, shrink=0.85)
     fig.suptitle(title)
     return _save(fig, path, tight=False)
+
+
+@dataclass
+class BoxedImage:
+    """One panel of ``boxed_images``: an image with captioned boxes, and optionally masks, drawn over it."""
+
+    title: str
+    pixels: Any  # uint8 (H, W, 3) array
+    boxes: Sequence[Sequence[float]] = field(default_factory=list)  # (x0, y0, x1, y1) in the image's pixels
+    captions: Sequence[str] = field(default_factory=list)  # one per box
+    colors: Sequence[str] = field(default_factory=list)  # one matplotlib colour per box
+    masks: Sequence[Any] = field(default_factory=list)  # none, or a bool (H, W) array per box
+
+
+def boxed_images(path: str | Path, panels: Sequence[BoxedImage], *, title: str, font_size: int = 13) -> Path:
+    """One PNG of images side by side, each shown at its own pixel size (give them already enlarged: boxes, mask
+    outlines and captions are drawn at the output resolution, so they stay sharp and legible). Masks are outlined
+    and lightly tinted rather than painted over, so the object under them stays visible."""
+    dpi = 100
+    height, width = panels[0].pixels.shape[:2]
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(len(panels) * (width / dpi + 0.3), height / dpi + 1.0),
+                                   dpi=dpi, squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        ax.imshow(panel.pixels, interpolation="nearest")
+        masks = panel.masks or [None] * len(panel.boxes)
+        for (x0, y0, x1, y1), caption, color, mask in zip(panel.boxes, panel.captions, panel.colors, masks,
+                                                           strict=True):
+            if mask is not None and mask.any():
+                ax.contourf(mask, levels=[0.5, 1.5], colors=[color], alpha=0.25)
+                ax.contour(mask, levels=[0.5], colors=[color], linewidths=2)
+            ax.add_patch(_pyplot().Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=2.5))
+            # Above the box, or just inside it where the box touches the top edge.
+            above = y0 > 1.6 * font_size
+            ax.text(x0, y0 if above else y0 + 2, caption, color="white", fontsize=font_size,
+                    va="bottom" if above else "top", bbox=dict(facecolor=color, edgecolor="none", pad=1.5),
+                    clip_on=True)
+        # Back to the image's own extent: patches and contours would otherwise widen the limits and shrink it.
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
+        ax.set_title(panel.title, fontsize=font_size + 1)
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=font_size + 2)
+    return _save(fig, path)

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from effdl.core.trainer import TrainConfig, train
-from effdl.demo import StageReport
 from effdl.dist import spawn
 from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
 from effdl.exflow.parallel import ExpertParallel
@@ -14,6 +13,7 @@ from effdl.exflow.pipeline import corpus_prompts, load_moe, place_and_score
 from effdl.exflow.placement import Placement
 from effdl.exflow.trace import trace_corpus
 from effdl.report import bar_plot, markdown_table
+from effdl.stage import StageReport
 
 N_GPUS = 4  # placement target; the live run below uses 2 ranks (2 CPU cores)
 
@@ -24,7 +24,8 @@ def _run_both_modes(rank: int, model_dir: str, placement_file: str, prompts: lis
     for mode, chosen in (("standard", None), ("coherent", placement)):
         generation = ExpertParallel(load_moe(model_dir), mode, chosen).generate(prompts, new_tokens)
         stats = generation.stats
-        results[mode] = (generation.tokens, sum(stats.all_to_all["decode"]), sum(stats.rows_cross["decode"]))
+        results[mode] = (generation.tokens, sum(stats.all_to_all["decode"]), sum(stats.rows_cross["decode"]),
+                         sum(stats.bytes_cross["decode"]), stats.kv_sync_bytes["decode"])
     return results
 
 
@@ -52,7 +53,8 @@ def exflow_stage(out_dir: Path, quick: bool) -> StageReport:
                     {name.replace("_", " "): [share[name]] for name in share},
                     title="Share of layer-to-layer token moves that cross GPUs", ylabel="share")
 
-    (std_tokens, std_a2a, std_rows), (coh_tokens, coh_a2a, coh_rows) = runs["standard"], runs["coherent"]
+    std_tokens, std_a2a, std_rows, std_bytes, _ = runs["standard"]
+    coh_tokens, coh_a2a, coh_rows, coh_bytes, coh_kv_bytes = runs["coherent"]
     rows = [
         ("model", f"GPT-MoE, 16 experts x 6 layers, top-1, trained {result.step} steps "
                   f"(val loss {result.evals[-1][1]:.2f})"),
@@ -61,8 +63,11 @@ def exflow_stage(out_dir: Path, quick: bool) -> StageReport:
         (f"cross-GPU moves on {N_GPUS} GPUs: staged / ilp placement",
          f"{share['staged']:.1%} / {share['ilp']:.1%} ({1 - share['ilp'] / max(share['round_robin'], 1e-9):.0%} "
          f"fewer than round robin)"),
-        ("2-rank decode, standard: all-to-alls, rows sent across", f"{std_a2a}, {std_rows}"),
-        ("2-rank decode, coherent + ilp: all-to-alls, rows sent across", f"{coh_a2a}, {coh_rows}"),
+        ("2-rank decode, standard: all-to-alls, rows and bytes sent across (padding incl.)",
+         f"{std_a2a}, {std_rows}, {std_bytes:,}"),
+        ("2-rank decode, coherent + ilp: all-to-alls, rows and bytes sent across (padding incl.)",
+         f"{coh_a2a}, {coh_rows}, {coh_bytes:,}"),
+        ("2-rank decode, coherent: bytes handed to the K/V all-reduces", f"{coh_kv_bytes:,}"),
         ("same greedy tokens in both modes", "yes" if std_tokens == coh_tokens else "NO"),
     ]
     markdown = (markdown_table(["metric", "value"], rows) + f"\n![affinity]({heatmap.name})\n"

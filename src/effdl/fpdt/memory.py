@@ -1,15 +1,22 @@
 """Measuring what a training step costs: peak resident memory above a baseline, time, tokens/s.
 
 Peak RSS is the kernel's high-water mark (VmHWM), reset before the step by
-writing 5 to /proc/self/clear_refs, so one process can measure several steps.
-Pages of the disk store's spill files sit in the page cache, not in the
-process, and do not count; that is the point of spilling.
+writing 5 to /proc/self/clear_refs. Pages of the disk store's spill files sit
+in the page cache, not in the process, and do not count; that is the point of
+spilling. A peak above the pre-step RSS depends on what the process freed
+before (freed heap pages are reused without raising RSS), so a figure to
+compare comes from ``measure_step_fresh``: one step in a new process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,3 +156,41 @@ def warmed_model(cfg: ModelConfig, loss_fn: Callable, warm_len: int = 256,
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     measure_step(model, optimizer, loss_fn, warm_len)
     return model, optimizer
+
+
+def measure_step_fresh(method: str, cfg: ModelConfig, seq_len: int, fpdt: FPDTConfig | None = None,
+                       ranks: int = 1, warm_len: int = 256, timeout_s: float = 600.0) -> StepMeasure:
+    """``measure_step`` of ``method`` after a warm-up step, in a fresh process (``ranks`` of them under torchrun
+    when > 1) that fixes glibc's mmap threshold first: a peak that owes nothing to what ran before it here."""
+    spec = {"method": method, "model": dataclasses.asdict(cfg), "seq_len": seq_len, "warm_len": warm_len,
+            "fpdt": dataclasses.asdict(fpdt) if fpdt is not None else None}
+    launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    f"--nproc-per-node={ranks}"]
+    cmd = [*launcher, "-m", "effdl.fpdt.memory", json.dumps(spec)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise EffdlError(f"measuring {method} at {seq_len:,} tokens took over {timeout_s:.0f} s") from None
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise EffdlError(f"measuring {method} at {seq_len:,} tokens failed ({' '.join(cmd)}):\n{out.stderr[-3000:]}")
+    return StepMeasure(**json.loads(lines[-1]))
+
+
+def _measure_child(spec: dict) -> None:
+    """The process ``measure_step_fresh`` starts (each torchrun rank): one measurement, a JSON line on rank 0."""
+    from effdl.dist import process_group
+
+    release_large_frees()
+    with process_group("gloo") as (rank, world, _):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        fpdt = FPDTConfig(**spec["fpdt"]) if spec["fpdt"] is not None else None
+        loss_fn = loss_fn_for(spec["method"], fpdt)
+        model, optimizer = warmed_model(ModelConfig(**spec["model"]), loss_fn, warm_len=spec["warm_len"])
+        result = measure_step(model, optimizer, loss_fn, spec["seq_len"], spec["method"])
+        if rank == 0:
+            print(json.dumps(dataclasses.asdict(result)))
+
+
+if __name__ == "__main__":
+    _measure_child(json.loads(sys.argv[1]))

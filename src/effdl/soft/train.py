@@ -1,4 +1,4 @@
-"""Image-classification trainer for SOFT and timm baselines on Fashion-MNIST.
+"""Image-classification trainer for SOFT and timm baselines on Fashion-MNIST or the generated shapes10.
 
 The recipe is timm's: AdamW (no decay on norms, biases, position embeddings
 and class tokens), warmup + cosine per step, label smoothing, gradient
@@ -27,19 +27,16 @@ from timm.optim import create_optimizer_v2
 from torch import Tensor, nn
 
 import effdl.soft  # noqa: F401  (registers soft_* with timm)
-from effdl.core.data import fashion_mnist
+from effdl.core.data import FASHION_MNIST, IMAGE_SETS, load_images
 from effdl.core.epochs import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
 from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
-
-DATASETS = ("fashion-mnist",)
-FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
 
 @dataclass
 class ImageTrainConfig:
     model: str = "soft_tiny"
-    data: str = "fashion-mnist"
+    data: str = FASHION_MNIST  # or "shapes10", generated here (core.data), for machines without Fashion-MNIST
     img_size: int = 64
     epochs: float = 10.0  # fractional epochs allowed, for short runs
     batch_size: int = 128
@@ -49,7 +46,7 @@ class ImageTrainConfig:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.1
     grad_clip: float = 1.0
-    train_subset: int = 0  # 0 = all 60,000 training images
+    train_subset: int = 0  # 0 = all 60,000 training images (both sets)
     eval_subset: int = 0  # 0 = all 10,000 test images
     out_dir: str = "runs/soft"
     seed: int = 0
@@ -57,8 +54,8 @@ class ImageTrainConfig:
     max_time_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.data not in DATASETS:
-            raise EffdlError(f"unknown dataset {self.data!r}; available: {', '.join(DATASETS)}")
+        if self.data not in IMAGE_SETS:
+            raise EffdlError(f"unknown dataset {self.data!r}; available: {', '.join(IMAGE_SETS)}")
         if self.model not in timm.list_models():
             raise EffdlError(f"unknown model {self.model!r}: not in timm's registry (soft_tiny ... soft_huge, "
                              "or any timm model such as pvt_v2_b0, deit_tiny_patch16_224)")
@@ -70,6 +67,7 @@ class ImageTrainConfig:
 class ImageTrainResult:
     step: int
     history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of every step
     images_per_s: float = 0.0
     checkpoint: Path | None = None
 
@@ -81,10 +79,12 @@ class ImageTrainResult:
 class DeviceImages:
     """A whole image dataset as one uint8 tensor on the device, batched, augmented and resized there."""
 
-    def __init__(self, images: Tensor, labels: Tensor, img_size: int, device: torch.device):
+    def __init__(self, images: Tensor, labels: Tensor, img_size: int, device: torch.device,
+                 mean_std: tuple[float, float]):
         self.images = images.to(device)  # (N, 28, 28) uint8
         self.labels = labels.to(device)  # (N,)
         self.img_size = img_size
+        self.mean, self.std = mean_std
 
     def __len__(self) -> int:
         return self.labels.numel()
@@ -99,16 +99,12 @@ class DeviceImages:
             flip = torch.rand(B, generator=generator) < 0.5
             x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
         x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False, antialias=False)
-        return (x - FASHION_MEAN) / FASHION_STD, self.labels[index]
+        return (x - self.mean) / self.std, self.labels[index]
 
 
 def load_split(cfg: ImageTrainConfig, train: bool, device: torch.device) -> DeviceImages:
-    ds = fashion_mnist(train=train)
-    limit = cfg.train_subset if train else cfg.eval_subset
-    images, labels = ds.data, ds.targets
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    return DeviceImages(images, labels, cfg.img_size, device)
+    split = load_images(cfg.data, train, cfg.train_subset if train else cfg.eval_subset)
+    return DeviceImages(split.images, split.labels, cfg.img_size, device, split.mean_std)
 
 
 def create_classifier(name: str, img_size: int, num_classes: int = 10, in_chans: int = 1) -> nn.Module:
@@ -156,7 +152,7 @@ def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
 
     result, step = ImageTrainResult(step=0), 0
     if resume is not None:
-        step, result.history = restore_run(read_checkpoint(resume, device), model, optimizer)
+        step, result.history, result.losses = restore_run(read_checkpoint(resume, device), model, optimizer)
 
     started, start_step = time.perf_counter(), step
     batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
@@ -171,18 +167,20 @@ def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
             loss = train_step(model, optimizer, partial(classification_loss, model, x, y, cfg.label_smoothing), lr,
                               cfg.grad_clip, device)
             step += 1
+            result.losses.append((step, loss.item()))
             elapsed = time.perf_counter() - started
             result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
             if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
                 total_steps = step
             if step % steps_per_epoch == 0 or step == total_steps:
                 metrics = evaluate_classifier(model, test_data, device)
-                result.history.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": loss.item(),
-                                       **metrics})
+                result.history.append({"step": step, "epoch": step / steps_per_epoch,
+                                       "train_loss": result.losses[-1][1], **metrics})
                 result.checkpoint = save_run_checkpoint(cfg.out_dir, cfg.model, step, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": dataclasses.asdict(cfg), "history": result.history})
-            bar.update(step, loss.item(), result.images_per_s, result.history[-1]["top1"] if result.history else None)
+                    "config": dataclasses.asdict(cfg), "history": result.history, "losses": result.losses})
+            bar.update(step, result.losses[-1][1], result.images_per_s,
+                       result.history[-1]["top1"] if result.history else None)
     result.step = step
     return result
 
