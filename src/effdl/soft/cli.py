@@ -44,7 +44,7 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
     from effdl.soft.train import ImageTrainConfig
 
     d = config_defaults(ImageTrainConfig)
-    train = verbs.add_parser("train", help="train a timm model (soft_tiny ... or any baseline) on Fashion-MNIST")
+    train = verbs.add_parser("train", help="train a timm model (soft_tiny or a baseline) on Fashion-MNIST or shapes10")
     train.add_argument("--model", help=f"timm model name (default {d['model']})")
     train.add_argument("--data", help=f"dataset: {', '.join(IMAGE_SETS)} (default {d['data']})")
     train.add_argument("--img-size", dest="img_size", type=int, help=f"input size in pixels (default {d['img_size']})")
