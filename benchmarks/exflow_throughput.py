@@ -20,12 +20,12 @@ from pathlib import Path
 
 from harness import RESULTS, add_plot_only, load_results, report
 
-from effdl.dist import spawn
+from effdl.distributed import spawn
 from effdl.exflow.affinity import transition_counts
 from effdl.exflow.parallel import ExpertParallel
-from effdl.exflow.pipeline import corpus_prompts, load_moe
 from effdl.exflow.placement import Placement, solve
 from effdl.exflow.trace import trace_corpus
+from effdl.exflow.workflow import corpus_prompts, load_moe
 
 PADDED, EXCHANGED = 1 << 20, 0  # ExpertParallel's pad_limit_bytes: its default (decode padded), or never pad
 CONFIGS = {  # name -> (mode, placement solver or None for round robin, pad_limit_bytes)

@@ -38,7 +38,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from effdl.core.config import ModelConfig
 from effdl.core.hf import save_checkpoint
 from effdl.core.transformer import Transformer
-from effdl.dist.launch import free_port
+from effdl.distributed.launch import free_port
 from effdl.flover.workload import RequestMetrics, WorkloadRequest, poisson_workload, replay, summarize
 from effdl.progress import console
 from effdl.report import bar_plot

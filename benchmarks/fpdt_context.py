@@ -21,7 +21,7 @@ from harness import RESULTS, add_plot_only, load_results, report
 
 from effdl.core.hf import load_checkpoint
 from effdl.core.trainer import TrainConfig, train
-from effdl.fpdt.model import FPDTConfig
+from effdl.fpdt.pipeline import FPDTConfig
 from effdl.fpdt.train import bucket_means, loss_by_position, train_fpdt
 from effdl.report import line_plot
 

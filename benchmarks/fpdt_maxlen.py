@@ -29,7 +29,7 @@ import torch
 from harness import RESULTS, add_plot_only, load_results, report, time_interleaved
 
 from effdl.core.config import ModelConfig
-from effdl.fpdt.memory import (
+from effdl.fpdt.measure import (
     MiB,
     gemm_flops,
     loss_fn_for,
@@ -39,7 +39,7 @@ from effdl.fpdt.memory import (
     train_flops_per_token,
     warmed_model,
 )
-from effdl.fpdt.model import FPDTConfig
+from effdl.fpdt.pipeline import FPDTConfig
 from effdl.report import line_plot
 
 # (label, method, sp ranks, offload)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from effdl.core.config import ModelConfig
 from effdl.core.transformer import Transformer
-from effdl.dist import spawn
+from effdl.distributed import spawn
 from effdl.errors import EffdlError
 from effdl.exflow.affinity import transition_counts
 from effdl.exflow.parallel import MODES, PHASES, CommStats, ExpertParallel, _Comm

@@ -8,7 +8,7 @@ import torch
 
 from effdl.core.config import ModelConfig
 from effdl.core.transformer import Transformer
-from effdl.dist import spawn
+from effdl.distributed import spawn
 from effdl.errors import EffdlError
 from effdl.flover import Engine, SamplingParams
 from effdl.flover.engine import DEFAULT_MAX_LEN, RunnerFailure

@@ -9,9 +9,9 @@ import torch
 from effdl.core.config import ModelConfig
 from effdl.core.hf import load_checkpoint
 from effdl.core.trainer import TrainConfig, resume_config
-from effdl.dist import spawn
+from effdl.distributed import spawn
 from effdl.errors import EffdlError
-from effdl.fpdt.model import FPDTConfig
+from effdl.fpdt.pipeline import FPDTConfig
 from effdl.fpdt.plan import activation_bytes, longest_sequence, parse_bytes, plan
 from effdl.fpdt.train import loss_by_position, train_fpdt
 
@@ -89,8 +89,8 @@ def test_plan_prediction_within_25_percent_of_a_measured_step():
     """The memory model against real steps in a fresh process, in the benchmark's configuration at 4K tokens."""
     code = (
         "from effdl.core.config import ModelConfig\n"
-        "from effdl.fpdt.memory import *\n"
-        "from effdl.fpdt.model import FPDTConfig\n"
+        "from effdl.fpdt.measure import *\n"
+        "from effdl.fpdt.pipeline import FPDTConfig\n"
         "release_large_frees()\n"
         f"cfg = ModelConfig(**{BENCH_MODEL!r})\n"
         "for m in ('fpdt', 'checkpoint', 'plain'):\n"  # smallest first: later steps cannot reuse freed pages

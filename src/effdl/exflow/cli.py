@@ -12,8 +12,8 @@ from pathlib import Path
 
 def _trace(args: argparse.Namespace) -> None:
     from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
-    from effdl.exflow.pipeline import load_moe
     from effdl.exflow.trace import trace_corpus
+    from effdl.exflow.workflow import load_moe
 
     trace = trace_corpus(load_moe(args.model), args.split, args.tokens, args.seq_len)
     trace.save(args.out)
@@ -25,7 +25,7 @@ def _trace(args: argparse.Namespace) -> None:
 
 
 def _affinity(args: argparse.Namespace) -> None:
-    from effdl.exflow.pipeline import affinity_over_training
+    from effdl.exflow.workflow import affinity_over_training
     from effdl.report import line_plot, print_table
 
     scores = affinity_over_training(args.checkpoints, args.tokens)
@@ -37,8 +37,8 @@ def _affinity(args: argparse.Namespace) -> None:
 
 
 def _place(args: argparse.Namespace) -> None:
-    from effdl.exflow.pipeline import place_and_score
     from effdl.exflow.trace import RoutingTrace
+    from effdl.exflow.workflow import place_and_score
     from effdl.report import print_table
 
     fit = RoutingTrace.load(args.trace)
@@ -55,10 +55,10 @@ def _place(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from effdl.dist import process_group
+    from effdl.distributed import process_group
     from effdl.exflow.parallel import ExpertParallel
-    from effdl.exflow.pipeline import corpus_prompts, load_moe
     from effdl.exflow.placement import Placement
+    from effdl.exflow.workflow import corpus_prompts, load_moe
     from effdl.report import print_table
 
     with process_group() as (rank, world, device):
@@ -95,10 +95,10 @@ def _simulate(args: argparse.Namespace) -> None:
 def add_commands(verbs: argparse._SubParsersAction) -> None:
     from effdl.core.data import Split
     from effdl.exflow.parallel import MODES
-    from effdl.exflow.pipeline import affinity_over_training, place_and_score
     from effdl.exflow.placement import METHODS
     from effdl.exflow.simulate import Topology, plan_table
     from effdl.exflow.trace import trace_corpus
+    from effdl.exflow.workflow import affinity_over_training, place_and_score
 
     shown = "(default %(default)s)"
     tr = inspect.signature(trace_corpus).parameters

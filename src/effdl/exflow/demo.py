@@ -6,12 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from effdl.core.trainer import TrainConfig, train
-from effdl.dist import spawn
+from effdl.distributed import spawn
 from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
 from effdl.exflow.parallel import ExpertParallel
-from effdl.exflow.pipeline import corpus_prompts, load_moe, place_and_score
 from effdl.exflow.placement import Placement
 from effdl.exflow.trace import trace_corpus
+from effdl.exflow.workflow import corpus_prompts, load_moe, place_and_score
 from effdl.report import bar_plot, markdown_table
 from effdl.stage import StageReport
 

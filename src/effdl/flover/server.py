@@ -162,14 +162,14 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
         lines += engine.latency.prometheus("flover_request_latency_seconds", "end-to-end request latency")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def check_model(name: str) -> None:
+    def check_model_name(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
                            "not_found_error", "model")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
-        check_model(body.model)
+        check_model_name(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         prompt = body.prompt
@@ -201,7 +201,7 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
-        check_model(body.model)
+        check_model_name(body.model)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         messages = [m.model_dump() for m in body.messages]
@@ -341,7 +341,7 @@ def serve_in_thread(app: FastAPI, startup_timeout_s: float = 30.0) -> Iterator[s
     """
     import uvicorn
 
-    from effdl.dist.launch import free_port
+    from effdl.distributed.launch import free_port
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -393,7 +393,7 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots:
     import uvicorn
 
     from effdl.core.device import resolve_device
-    from effdl.dist import process_group
+    from effdl.distributed import process_group
     from effdl.flover.tp import tp_engine
 
     with process_group() if tp > 1 else nullcontext((0, 1, None)) as (_, world, dist_device):

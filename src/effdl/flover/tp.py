@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from effdl.core.config import ModelConfig
 from effdl.core.tokenizer import Tokenizer
 from effdl.core.transformer import Transformer
-from effdl.dist import abandon
+from effdl.distributed import abandon
 from effdl.errors import EffdlError
 from effdl.flover.engine import Engine, RunnerFailure, default_max_len
 from effdl.flover.runner import ModelRunner

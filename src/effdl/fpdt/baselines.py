@@ -15,12 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 from effdl.core.trainer import lm_loss
 from effdl.core.transformer import Transformer
-from effdl.fpdt.model import (
+from effdl.fpdt.pipeline import (
     IGNORE_INDEX,
     ChunkPipeline,
     FPDTConfig,
     ce_sum,
-    check_model,
+    check_sequence_parallel,
     on_backward_end,
     pad_to_multiple,
     sum_gradients,
@@ -55,7 +55,7 @@ def ulysses_loss(model: Transformer, tokens: Tensor, targets: Tensor, group: dis
     tokens, targets = pad_to_multiple(tokens, targets, world)
     S = tokens.shape[1]
     cfg = FPDTConfig(chunk_size=S, offload="none", sp_size=world)
-    check_model(model, cfg, S, group)
+    check_sequence_parallel(model, cfg, S, group)
     index = local_token_index(S, S, world, group_rank(group)).to(tokens.device)  # (S / P,)
     pipe = ChunkPipeline(model, cfg, S, group, OffloadStore(), index)
     h = model.embed(tokens[:, index])  # (B, S / P, D)

@@ -15,12 +15,13 @@ ELEM_BYTES = {"bf16": 2, "fp32": 4}  # `effdl fpdt plan --dtype`
 
 
 def _train(args: argparse.Namespace) -> None:
-    from effdl.fpdt.model import FPDTConfig
+    from effdl.fpdt.pipeline import FPDTConfig
     from effdl.fpdt.train import train_fpdt
 
     cfg = train_config(args, TRAIN_DEFAULTS)
     fpdt = FPDTConfig(chunk_size=args.chunk_size, offload=args.offload, spill_dir=args.spill_dir, sp_size=args.sp)
-    result = train_fpdt(cfg, fpdt, resume=args.resume, init=args.init)  # under torchrun: effdl.dist.process_group
+    # Under torchrun, train_fpdt joins and leaves the group through effdl.distributed.process_group.
+    result = train_fpdt(cfg, fpdt, resume=args.resume, init=args.init)
     if result.checkpoint is not None:  # rank 0
         print(f"trained to step {result.step} at {cfg.seq_len:,} tokens: val loss {result.evals[-1][1]:.4f}, "
               f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
@@ -62,7 +63,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def add_commands(verbs: argparse._SubParsersAction) -> None:
     from effdl.core.trainer import TrainConfig
-    from effdl.fpdt.model import FPDTConfig
+    from effdl.fpdt.pipeline import FPDTConfig
     from effdl.fpdt.plan import plan
     from effdl.fpdt.store import OFFLOAD_KINDS
     from effdl.fpdt.train import loss_by_position

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from effdl.core.config import ModelConfig
 from effdl.core.trainer import TrainConfig
-from effdl.fpdt.memory import MiB, measure_step_fresh
-from effdl.fpdt.model import FPDTConfig
+from effdl.fpdt.measure import MiB, measure_step_fresh
+from effdl.fpdt.pipeline import FPDTConfig
 from effdl.fpdt.train import train_fpdt
 from effdl.report import bar_plot, line_plot, markdown_table
 from effdl.stage import StageReport

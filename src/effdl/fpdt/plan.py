@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from effdl.core.config import ModelConfig
 from effdl.errors import EffdlError
-from effdl.fpdt.model import default_loss_chunk, spill_bytes
+from effdl.fpdt.pipeline import default_loss_chunk, spill_bytes
 
 PLAN_METHODS = ("plain", "checkpoint", "ulysses", "fpdt")
 STATE_BYTES_PER_PARAM = 16

@@ -22,10 +22,10 @@ from effdl.core.device import resolve_device
 from effdl.core.hf import load_checkpoint, load_config
 from effdl.core.trainer import TrainConfig, TrainResult, latest_checkpoint, train
 from effdl.core.transformer import Transformer
-from effdl.dist import process_group
+from effdl.distributed import process_group
 from effdl.errors import EffdlError
-from effdl.fpdt.memory import MiB, gemm_flops, peak_rss_bytes, release_large_frees, train_flops_per_token
-from effdl.fpdt.model import FPDTConfig, fpdt_loss
+from effdl.fpdt.measure import MiB, gemm_flops, peak_rss_bytes, release_large_frees, train_flops_per_token
+from effdl.fpdt.pipeline import FPDTConfig, fpdt_loss
 
 
 def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = None, init: str | Path | None = None,

@@ -22,7 +22,7 @@ from torch import nn
 
 from effdl.core.data import cache_dir
 from effdl.core.device import resolve_device
-from effdl.core.epochs import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
+from effdl.core.run_checkpoint import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
 from effdl.core.trainer import autocast_for, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset

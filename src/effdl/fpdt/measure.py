@@ -30,7 +30,7 @@ from effdl.core.config import ModelConfig
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.fpdt.baselines import checkpointed_loss, plain_loss, ulysses_loss
-from effdl.fpdt.model import FPDTConfig, fpdt_loss
+from effdl.fpdt.pipeline import FPDTConfig, fpdt_loss
 from effdl.fpdt.plan import PLAN_METHODS
 
 MiB = 2**20
@@ -166,7 +166,7 @@ def measure_step_fresh(method: str, cfg: ModelConfig, seq_len: int, fpdt: FPDTCo
             "fpdt": dataclasses.asdict(fpdt) if fpdt is not None else None}
     launcher = [sys.executable] if ranks == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     f"--nproc-per-node={ranks}"]
-    cmd = [*launcher, "-m", "effdl.fpdt.memory", json.dumps(spec)]
+    cmd = [*launcher, "-m", "effdl.fpdt.measure", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -179,7 +179,7 @@ def measure_step_fresh(method: str, cfg: ModelConfig, seq_len: int, fpdt: FPDTCo
 
 def _measure_child(spec: dict) -> None:
     """The process ``measure_step_fresh`` starts (each torchrun rank): one measurement, a JSON line on rank 0."""
-    from effdl.dist import process_group
+    from effdl.distributed import process_group
 
     release_large_frees()
     with process_group("gloo") as (rank, world, _):

@@ -84,7 +84,8 @@ class FPDTConfig:
             raise EffdlError(f"loss_chunk must be positive, got {self.loss_chunk}")
 
 
-def check_model(model: Transformer, cfg: FPDTConfig, seq_len: int, group: dist.ProcessGroup | None = None) -> None:
+def check_sequence_parallel(model: Transformer, cfg: FPDTConfig, seq_len: int,
+                            group: dist.ProcessGroup | None = None) -> None:
     """Every reason FPDT cannot run ``model`` at ``seq_len`` under ``cfg``, raised before any compute."""
     mc, world = model.config, group_size(group)
     if cfg.sp_size != world:
@@ -314,7 +315,7 @@ def fpdt_loss(model: Transformer, tokens: Tensor, targets: Tensor, cfg: FPDTConf
         raise EffdlError(f"tokens and targets must both be (B, S); got {tuple(tokens.shape)} and "
                          f"{tuple(targets.shape)}")
     world, rank = group_size(group), group_rank(group)
-    check_model(model, cfg, tokens.shape[1], group)
+    check_sequence_parallel(model, cfg, tokens.shape[1], group)
     tokens, targets = pad_to_multiple(tokens, targets, world)
     B, S = tokens.shape
     index = local_token_index(S, cfg.chunk_size, world, rank).to(tokens.device)  # (S_l,)

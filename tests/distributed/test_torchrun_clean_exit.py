@@ -24,7 +24,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 RANK_SCRIPT = """
 import os
 import torch.distributed as dist
-from effdl.dist import process_group
+from effdl.distributed import process_group
 
 with process_group() as (rank, world, device):
     gathered = [None] * world

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from effdl.dist import RankFailure, spawn
+from effdl.distributed import RankFailure, spawn
 
 
 def _all_to_all(rank: int, n: int):

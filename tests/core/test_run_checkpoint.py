@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from effdl.core.epochs import epoch_batches, read_run_checkpoint, restore_run, save_run_checkpoint
+from effdl.core.run_checkpoint import epoch_batches, read_run_checkpoint, restore_run, save_run_checkpoint
 from effdl.errors import EffdlError
 
 

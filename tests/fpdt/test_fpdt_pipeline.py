@@ -6,10 +6,10 @@ import torch
 from effdl.core.config import ModelConfig
 from effdl.core.trainer import lm_loss
 from effdl.core.transformer import Transformer
-from effdl.dist import spawn
+from effdl.distributed import spawn
 from effdl.errors import EffdlError
 from effdl.fpdt.baselines import checkpointed_loss, ulysses_loss
-from effdl.fpdt.model import FPDTConfig, fpdt_loss
+from effdl.fpdt.pipeline import FPDTConfig, fpdt_loss
 
 TINY = ModelConfig.preset("tiny", n_layers=2)  # GQA: 4 query heads, 2 key/value heads
 SEQ, CHUNK = 2048, 256
