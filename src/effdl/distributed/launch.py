@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from effdl.core.device import resolve_device
 from effdl.errors import EffdlError
 
 # torch modules that bind the default group as a default argument (``group=group.WORLD``) when first imported.
@@ -45,7 +46,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600) -> tuple[i
     group is created.
     """
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, resolve_device("auto")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and backend != "gloo"
