@@ -28,8 +28,9 @@ from torch import Tensor, nn
 
 import effdl.soft  # noqa: F401  (registers soft_* with timm)
 from effdl.core.data import FASHION_MNIST, IMAGE_SETS, load_images
+from effdl.core.device import resolve_device
 from effdl.core.run_checkpoint import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
-from effdl.core.trainer import autocast_for, resolve_device, train_step, warmup_cosine_lr
+from effdl.core.trainer import autocast_for, train_step, warmup_cosine_lr
 from effdl.errors import EffdlError
 
 
