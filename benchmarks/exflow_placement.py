@@ -16,13 +16,13 @@ from pathlib import Path
 
 from harness import RESULTS, add_plot_only, headroom, load_results, report
 
-from effdl.core.trainer import TrainConfig, train
 from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
 from effdl.exflow.placement import round_robin, solve
 from effdl.exflow.simulate import Topology, plan_table
 from effdl.exflow.trace import trace_corpus
 from effdl.exflow.workflow import affinity_over_training, load_moe, place_and_score
 from effdl.report import bar_plot, line_plot, print_table
+from effdl.train.lm import TrainConfig, train
 
 RUNS = Path("runs/bench-exflow")
 HIDDEN_BYTES = 4096 * 2  # traffic model: one bf16 hidden state of a Mixtral-sized model

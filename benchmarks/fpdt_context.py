@@ -20,10 +20,10 @@ from pathlib import Path
 from harness import RESULTS, add_plot_only, load_results, report
 
 from effdl.core.hf import load_checkpoint
-from effdl.core.trainer import TrainConfig, train
 from effdl.fpdt.pipeline import FPDTConfig
 from effdl.fpdt.train import bucket_means, loss_by_position, train_fpdt
 from effdl.report import line_plot
+from effdl.train.lm import TrainConfig, train
 
 
 def plot(path: Path = RESULTS / "fpdt_context.json") -> None:

@@ -51,11 +51,12 @@ def headroom(fraction: float = 0.3) -> Iterator[None]:
         yield
 
 
-def resumable_checkpoint(out_dir: str | Path, model: str, config: dict[str, Any]) -> Path | None:
-    """The newest ``<model>-step*.pth`` in ``out_dir`` trained with exactly ``config``, so a rerun continues it."""
-    import torch
+def resumable_checkpoint(out_dir: str | Path, trainer: str, config: dict[str, Any]) -> Path | None:
+    """The newest checkpoint in run folder ``out_dir`` that ``trainer`` wrote with exactly ``config``, so a rerun
+    continues it."""
+    from effdl.train.checkpoint import TRAINER_STATE_FILE, read_trainer_state
 
-    for path in sorted(Path(out_dir).glob(f"{model}-step*.pth"), reverse=True):
-        if torch.load(path, weights_only=True)["config"] == config:
-            return path
+    for folder in sorted(Path(out_dir).glob("checkpoint-*"), reverse=True):
+        if (folder / TRAINER_STATE_FILE).is_file() and read_trainer_state(folder, trainer)["config"] == config:
+            return folder
     return None

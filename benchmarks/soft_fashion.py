@@ -18,7 +18,7 @@ import torch
 from harness import RESULTS, report, resumable_checkpoint, time_interleaved
 
 from effdl.report import bar_plot, line_plot
-from effdl.soft.train import ImageTrainConfig, create_classifier, train_classifier
+from effdl.soft.train import TRAINER, ImageTrainConfig, create_classifier, train_classifier
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -26,10 +26,11 @@ def accuracy(args: argparse.Namespace) -> None:
     for name in ("soft_tiny", args.baseline):
         cfg = ImageTrainConfig(model=name, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, warmup_epochs=min(1.0, args.epochs / 4), out_dir=f"runs/bench-{name}")
-        result = train_classifier(cfg, resume=resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg)))
+        result = train_classifier(cfg, resume=resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg)))
         params = sum(p.numel() for p in create_classifier(name, args.img_size).parameters())
-        rows.append((name, f"{params / 1e6:.1f}M", args.epochs, f"{result.top1:.2f}%", f"{result.images_per_s:.0f}"))
-        curves[name] = ([h["epoch"] for h in result.history], [h["top1"] for h in result.history])
+        rows.append((name, f"{params / 1e6:.1f}M", args.epochs, f"{result.metrics['top1']:.2f}%",
+                     f"{result.items_per_s:.0f}"))
+        curves[name] = ([e["epoch"] for e in result.evals], [e["metrics"]["top1"] for e in result.evals])
     title = f"Fashion-MNIST {args.img_size}px, {args.epochs} epochs, same recipe"
     report("soft_fashion_accuracy", title, ["model", "params", "epochs", "test top-1", "train img/s"], rows,
            extra={"args": vars(args), "curves": curves})

@@ -28,7 +28,7 @@ from harness import RESULTS, add_plot_only, load_results, report, resumable_chec
 
 from effdl.report import line_plot
 from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
-from effdl.sprnet.train import DetectionTrainConfig, load_dataset, load_detector, train_detector
+from effdl.sprnet.train import TRAINER, DetectionTrainConfig, load_dataset, load_detector, train_detector
 
 MODELS = ("sprnet", "maskrcnn", "retinanet")  # the baselines on the same --backbone
 
@@ -60,9 +60,9 @@ def train_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list
                                    batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
                                    maskrcnn_rois_per_image=args.maskrcnn_rois, weights_backbone=weights_backbone,
                                    out_dir=f"runs/bench-sprnet/{name}")
-        resume = resumable_checkpoint(cfg.out_dir, cfg.model, dataclasses.asdict(cfg))
+        resume = resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg))
         result = train_detector(cfg, resume=resume)
-        checkpoints[cfg.model], histories[cfg.model] = result.checkpoint or resume, result.history
+        checkpoints[cfg.model], histories[cfg.model] = result.checkpoint or resume, result.evals
     return checkpoints, histories
 
 

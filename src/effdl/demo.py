@@ -24,7 +24,7 @@ def lm_stage(out_dir: Path, quick: bool) -> StageReport:
     from effdl.core.generate import generate
     from effdl.core.hf import load_checkpoint
     from effdl.core.tokenizer import ByteTokenizer
-    from effdl.core.trainer import TrainConfig, train
+    from effdl.train.lm import TrainConfig, train
 
     cfg = TrainConfig(preset="tiny", seq_len=64 if quick else 256, batch_size=4 if quick else 16,
                       steps=3 if quick else 100, warmup_steps=1 if quick else 10, eval_every=0 if quick else 20,
@@ -38,22 +38,22 @@ def lm_stage(out_dir: Path, quick: bool) -> StageReport:
                                  seed=0))
     plot = line_plot(out_dir / "lm_loss.png", {
         "train": ([s for s, _ in result.losses], [v for _, v in result.losses]),
-        "validation": ([s for s, _ in result.evals], [v for _, v in result.evals]),
+        "validation": ([e["step"] for e in result.evals], [e["metrics"]["val_loss"] for e in result.evals]),
     }, title="Tiny Llama on the Python stdlib (byte level)", xlabel="step", ylabel="cross-entropy (nats/byte)")
 
     uniform = math.log(tok.vocab_size)
     rows = [
         ("model", f"tiny Llama, {model.config.num_params() / 1e6:.1f}M params"),
         ("steps x tokens", f"{result.step} x {cfg.batch_size * cfg.seq_len}"),
-        ("train tokens/s", f"{result.tokens_per_s:,.0f}"),
-        (f"val loss (uniform guess = {uniform:.2f})", f"{result.evals[-1][1]:.3f}"),
+        ("train tokens/s", f"{result.items_per_s:,.0f}"),
+        (f"val loss (uniform guess = {uniform:.2f})", f"{result.metrics['val_loss']:.3f}"),
         ("checkpoint (HF format)", str(result.checkpoint)),
     ]
     markdown = (markdown_table(["metric", "value"], rows) + f"\n![loss]({plot.name})\n\n"
                 f"Sample (temperature 0.9, top-p 0.9):\n\n```python\n{prompt}{sample}\n```\n")
-    headline = f"val loss {uniform:.2f} (uniform) -> {result.evals[-1][1]:.2f} in {result.step} steps"
+    headline = f"val loss {uniform:.2f} (uniform) -> {result.metrics['val_loss']:.2f} in {result.step} steps"
     return StageReport("Language model: train + generate", headline, rows, markdown, [plot],
-                       {"uniform_loss": uniform, "val_loss": result.evals[-1][1]})
+                       {"uniform_loss": uniform, "val_loss": result.metrics['val_loss']})
 
 
 def _imported_when_run(system: str) -> Callable[[Path, bool], StageReport]:

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from effdl.core.config import ModelConfig
 from effdl.core.moe import MoEFeedForward, balance_loss, expert_outputs, route_top_k, swiglu_expert
-from effdl.core.trainer import lm_loss
 from effdl.core.transformer import Transformer
+from effdl.train.lm import lm_loss
 
 
 def test_route_top_k_weights():

@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from effdl.core.config import ModelConfig
-from effdl.core.trainer import lm_loss
 from effdl.core.transformer import Transformer
 from effdl.distributed import spawn
 from effdl.errors import EffdlError
 from effdl.fpdt.baselines import checkpointed_loss, ulysses_loss
 from effdl.fpdt.pipeline import FPDTConfig, fpdt_loss
+from effdl.train.lm import lm_loss
 
 TINY = ModelConfig.preset("tiny", n_layers=2)  # GQA: 4 query heads, 2 key/value heads
 SEQ, CHUNK = 2048, 256

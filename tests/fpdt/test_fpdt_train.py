@@ -8,12 +8,12 @@ import torch
 
 from effdl.core.config import ModelConfig
 from effdl.core.hf import load_checkpoint
-from effdl.core.trainer import TrainConfig, resume_config
 from effdl.distributed import spawn
 from effdl.errors import EffdlError
 from effdl.fpdt.pipeline import FPDTConfig
 from effdl.fpdt.plan import activation_bytes, longest_sequence, parse_bytes, plan
 from effdl.fpdt.train import loss_by_position, train_fpdt
+from effdl.train.lm import TrainConfig, resume_config
 
 # benchmarks/fpdt_maxlen.py's model. With the tiny preset, FPDT's chunk buffers (512 KiB) fall below the
 # 1 MiB mmap threshold and the heap's reuse makes single-step peaks too noisy to check a model against.

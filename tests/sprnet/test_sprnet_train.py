@@ -36,22 +36,22 @@ def test_resume_is_bit_exact_and_checkpoints_rebuild_the_model(shapes, tmp_path)
     resumed = train_detector(_config(shapes, tmp_path / "b", **kw), resume=half.checkpoint, progress=False)
     assert resumed.step == straight.step == 5
     assert resumed.losses == straight.losses
-    assert resumed.history[-1] == straight.history[-1]
+    assert resumed.evals[-1] == straight.evals[-1]
     a, _, names = load_detector(straight.checkpoint, device="cpu")
     b, cfg, _ = load_detector(tmp_path / "b", device="cpu")  # a run folder loads its newest checkpoint
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     assert names == ["circle", "square", "triangle", "ellipse", "star"] and cfg.model == "sprnet_resnet18_fpn"
     assert set(resumed.metrics) == {"bbox", "segm"} and 0 <= resumed.metrics["segm"]["AP"] <= 1
-    history = json.loads((tmp_path / "b" / "sprnet_resnet18_fpn-history.json").read_text())
-    assert [h["step"] for h in history] == [1, 4, 5]  # the interrupted step, every second epoch, the end
+    history = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [e["step"] for e in history["evals"]] == [1, 4, 5]  # the interrupted step, every second epoch, the end
 
 
 @pytest.mark.parametrize("model,iou_types", [("maskrcnn", {"bbox", "segm"}), ("retinanet", {"bbox"})])
 def test_baselines_train_with_the_same_recipe(shapes, tmp_path, model, iou_types):
     result = train_detector(_config(shapes, tmp_path, model=model, epochs=1), progress=False)
     assert set(result.metrics) == iou_types
-    assert result.checkpoint.name.startswith(f"{model}_resnet18_fpn-step")
+    assert load_detector(result.checkpoint, device="cpu")[1].model == f"{model}_resnet18_fpn"
 
 
 def effdl(*args):

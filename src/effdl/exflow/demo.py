@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from effdl.core.trainer import TrainConfig, train
 from effdl.distributed import spawn
 from effdl.exflow.affinity import affinity_score, plot_affinity, transition_counts
 from effdl.exflow.parallel import ExpertParallel
@@ -14,6 +13,7 @@ from effdl.exflow.trace import trace_corpus
 from effdl.exflow.workflow import corpus_prompts, load_moe, place_and_score
 from effdl.report import bar_plot, markdown_table
 from effdl.stage import StageReport
+from effdl.train.lm import TrainConfig, train
 
 N_GPUS = 4  # placement target; the live run below uses 2 ranks (2 CPU cores)
 
@@ -57,7 +57,7 @@ def exflow_stage(out_dir: Path, quick: bool) -> StageReport:
     coh_tokens, coh_a2a, coh_rows, coh_bytes, coh_kv_bytes = runs["coherent"]
     rows = [
         ("model", f"GPT-MoE, 16 experts x 6 layers, top-1, trained {result.step} steps "
-                  f"(val loss {result.evals[-1][1]:.2f})"),
+                  f"(val loss {result.metrics['val_loss']:.2f})"),
         ("affinity score (held-out, 0 = none, 1 = deterministic)", f"{score:.2f}"),
         (f"cross-GPU moves on {N_GPUS} GPUs: round robin", f"{share['round_robin']:.1%}"),
         (f"cross-GPU moves on {N_GPUS} GPUs: staged / ilp placement",

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from effdl.core.trainer import lm_loss
 from effdl.core.transformer import Transformer
 from effdl.fpdt.pipeline import (
     IGNORE_INDEX,
@@ -27,6 +26,7 @@ from effdl.fpdt.pipeline import (
 )
 from effdl.fpdt.store import OffloadStore
 from effdl.fpdt.ulysses import group_rank, group_size, local_token_index, sum_across_ranks
+from effdl.train.lm import lm_loss
 
 
 def plain_loss(model: Transformer, tokens: Tensor, targets: Tensor) -> Tensor:

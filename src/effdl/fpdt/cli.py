@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from effdl.lm_cli import add_train_options, config_defaults, train_config
+from effdl.train.options import add_step_options, config_defaults, train_config
 
 # `effdl fpdt train`'s recipe: one long sequence per step, a short schedule, 2K-token chunks.
 TRAIN_DEFAULTS = dict(preset="tiny", seq_len=16384, batch_size=1, steps=50, warmup_steps=5, eval_every=0,
@@ -23,8 +23,8 @@ def _train(args: argparse.Namespace) -> None:
     # Under torchrun, train_fpdt joins and leaves the group through effdl.distributed.process_group.
     result = train_fpdt(cfg, fpdt, resume=args.resume, init=args.init)
     if result.checkpoint is not None:  # rank 0
-        print(f"trained to step {result.step} at {cfg.seq_len:,} tokens: val loss {result.evals[-1][1]:.4f}, "
-              f"{result.tokens_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
+        print(f"trained to step {result.step} at {cfg.seq_len:,} tokens: val loss {result.metrics['val_loss']:.4f}, "
+              f"{result.items_per_s:,.0f} tokens/s; checkpoint {result.checkpoint}")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -62,11 +62,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def add_commands(verbs: argparse._SubParsersAction) -> None:
-    from effdl.core.trainer import TrainConfig
     from effdl.fpdt.pipeline import FPDTConfig
     from effdl.fpdt.plan import plan
     from effdl.fpdt.store import OFFLOAD_KINDS
     from effdl.fpdt.train import loss_by_position
+    from effdl.train.lm import TrainConfig
 
     train_defaults = config_defaults(TrainConfig, **TRAIN_DEFAULTS)
     train = verbs.add_parser("train", help="train a preset at a long sequence length on the stdlib corpus")
@@ -79,7 +79,7 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--eval-batches", dest="eval_batches", type=int,
                        help=f"validation sequences (default {train_defaults['eval_batches']})")
     train.add_argument("--init", help="start from this HF-format checkpoint folder (e.g. a Llama) instead of a preset")
-    add_train_options(train, train_defaults)
+    add_step_options(train, train_defaults)
     train.set_defaults(func=_train)
 
     chunk = inspect.signature(plan).parameters["chunk"].default

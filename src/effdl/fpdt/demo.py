@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from effdl.core.config import ModelConfig
-from effdl.core.trainer import TrainConfig
 from effdl.fpdt.measure import MiB, measure_step_fresh
 from effdl.fpdt.pipeline import FPDTConfig
 from effdl.fpdt.train import train_fpdt
 from effdl.report import bar_plot, line_plot, markdown_table
 from effdl.stage import StageReport
+from effdl.train.lm import TrainConfig
 
 # Below this a step's peak is mostly the allocator's and Python's own churn, not the method's activations.
 MIN_MEASURABLE_MIB = 2.0
@@ -47,7 +47,7 @@ def fpdt_stage(out_dir: Path, quick: bool) -> StageReport:
                                            f"the {budget_mib} MiB budget)"),
         ("peak memory of one step: FPDT", f"{ours:,.0f} MiB ({ratio})"),
         ("FPDT training", f"{result.step} steps, loss {result.losses[0][1]:.2f} -> {result.losses[-1][1]:.2f}, "
-                          f"val {result.evals[-1][1]:.2f}, {result.tokens_per_s:,.0f} tokens/s"),
+                          f"val {result.metrics['val_loss']:.2f}, {result.items_per_s:,.0f} tokens/s"),
     ]
     markdown = (markdown_table(["metric", "value"], rows) + f"\n![memory]({memory_plot.name})\n"
                 f"![loss]({loss_plot.name})\n\nEach peak is the resident-memory high-water mark of one step "

@@ -1,6 +1,6 @@
 """``effdl fpdt train`` and the long-context evaluation: the core trainer with FPDT's loss, and loss by position.
 
-Training reuses ``effdl.core.trainer`` (AdamW, warmup + cosine, clipping,
+Training reuses ``effdl.train.lm`` (AdamW, warmup + cosine, clipping,
 HF-format checkpoints, exact resume); FPDT only changes how the loss and its
 gradients are computed. Under torchrun every rank builds the same model from
 the same seed and reads the same batch; each computes its share of the
@@ -20,12 +20,14 @@ from effdl.core.config import ModelConfig
 from effdl.core.data import corpus_tokens
 from effdl.core.device import resolve_device
 from effdl.core.hf import load_checkpoint, load_config
-from effdl.core.trainer import TrainConfig, TrainResult, latest_checkpoint, train
 from effdl.core.transformer import Transformer
 from effdl.distributed import process_group
 from effdl.errors import EffdlError
 from effdl.fpdt.measure import MiB, gemm_flops, peak_rss_bytes, release_large_frees, train_flops_per_token
 from effdl.fpdt.pipeline import FPDTConfig, fpdt_loss
+from effdl.train.checkpoint import latest_checkpoint
+from effdl.train.lm import TrainConfig, train
+from effdl.train.loop import TrainResult
 
 
 def train_fpdt(cfg: TrainConfig, fpdt: FPDTConfig, resume: str | Path | None = None, init: str | Path | None = None,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
-from effdl.lm_cli import add_epoch_options, config_defaults, given_options
+from effdl.train.options import add_epoch_options, config_defaults, given_options
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -15,12 +16,13 @@ def _train(args: argparse.Namespace) -> None:
     given = given_options(args, ImageTrainConfig)
     cfg = load_checkpoint_config(args.resume, **given) if args.resume else ImageTrainConfig(**given)
     runs = [(cfg, args.resume)]
-    if args.baseline:
-        runs.append((dataclasses.replace(cfg, model=args.baseline), None))
+    if args.baseline:  # side by side: each model's run in its own folder under --out
+        runs = [(dataclasses.replace(cfg, out_dir=str(Path(cfg.out_dir) / cfg.model)), args.resume),
+                (dataclasses.replace(cfg, model=args.baseline, out_dir=str(Path(cfg.out_dir) / args.baseline)), None)]
     rows = []
     for run_cfg, resume in runs:
         result = train_classifier(run_cfg, resume=resume)
-        rows.append((run_cfg.model, result.step, f"{result.top1:.2f}%", f"{result.images_per_s:,.0f}",
+        rows.append((run_cfg.model, result.step, f"{result.metrics['top1']:.2f}%", f"{result.items_per_s:,.0f}",
                      str(result.checkpoint)))
     print_table(f"{cfg.data} at {cfg.img_size}px", ["model", "steps", "test top-1", "train img/s", "checkpoint"],
                 rows)
@@ -59,7 +61,8 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
                        help=f"first N training images (0 = all; default {d['train_subset']})")
     train.add_argument("--eval-subset", dest="eval_subset", type=int,
                        help=f"first N test images (0 = all; default {d['eval_subset']})")
-    train.add_argument("--baseline", help="also train this timm model with the same recipe, side by side")
+    train.add_argument("--baseline",
+                       help="also train this timm model with the same recipe, side by side (each in --out/<model>)")
     train.set_defaults(func=_train)
 
     ev = verbs.add_parser("eval", help="top-1 of a checkpoint written by `effdl soft train`")

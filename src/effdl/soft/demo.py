@@ -54,21 +54,21 @@ def soft_stage(out_dir: Path, quick: bool) -> StageReport:
     plot = line_plot(out_dir / "soft_attention.png", curves,
                      title="Attention time vs tokens (1 CPU thread, 2 heads x 32 dims)",
                      xlabel="tokens n (log scale)", ylabel="ms per call, median (log scale)", logx=True, logy=True)
-    n = max(costs)
+    n, top1 = max(costs), result.metrics["top1"]
     soft, sdpa = costs[n][SOFT], costs[n][SDPA]
     comparison = describe_speedup(speedup(sdpa, soft), "SOFT", "SDPA")
     rows = [
         ("data", DATA_NOTES[data]),
         ("model", "soft_tiny (13.1M params at 1000 classes), 1 input channel, 32 px"),
-        ("images seen", f"{result.step * cfg.batch_size:,} at {result.images_per_s:,.0f} img/s"),
-        (f"test top-1 ({cfg.eval_subset or 10000:,} images, chance 10%)", f"{result.top1:.1f}%"),
+        ("images seen", f"{result.step * cfg.batch_size:,} at {result.items_per_s:,.0f} img/s"),
+        (f"test top-1 ({cfg.eval_subset or 10000:,} images, chance 10%)", f"{top1:.1f}%"),
         (f"attention at n = {n:,}: SOFT / SDPA (median)", f"{soft.median_s * 1e3:.2f} ms / "
                                                           f"{sdpa.median_s * 1e3:.2f} ms ({comparison})"),
     ]
     markdown = (markdown_table(["metric", "value"], rows) + f"\n![attention cost]({plot.name})\n\n"
                 "SOFT's time grows linearly with the number of tokens; softmax attention's grows quadratically.\n")
-    headline = f"{data} top-1 {result.top1:.1f}% after {result.step * cfg.batch_size:,} images; {comparison} " \
+    headline = f"{data} top-1 {top1:.1f}% after {result.step * cfg.batch_size:,} images; {comparison} " \
                f"at {n:,} tokens"
-    metrics = {"top1": result.top1, "tokens": float(n), "soft_ms": soft.median_s * 1e3,
+    metrics = {"top1": top1, "tokens": float(n), "soft_ms": soft.median_s * 1e3,
                "sdpa_ms": sdpa.median_s * 1e3}
     return StageReport("SOFT: softmax-free vision transformer", headline, rows, markdown, [plot], metrics)

@@ -4,9 +4,9 @@ The recipe is timm's: AdamW (no decay on norms, biases, position embeddings
 and class tokens), warmup + cosine per step, label smoothing, gradient
 clipping, bf16 autocast on GPUs that support it. Any timm model name works,
 so ``--baseline pvt_v2_b0`` trains a softmax model with the same recipe for a
-side-by-side. Checkpoints hold ``{"model", "optimizer", "epoch", "config",
-"history"}``; their ``model`` entry loads with ``timm.create_model(...,
-pretrained=True, pretrained_cfg_overlay={"file": path})``.
+side-by-side. The loop, its schedule and its checkpoints are
+``effdl.train``'s; a checkpoint's ``model.safetensors`` loads with
+``timm.create_model(..., pretrained=True, pretrained_cfg_overlay={"file": path})``.
 
 Images live on the device as one uint8 tensor; augmentation (random shift by
 up to 2 px, horizontal flip) and resizing to ``img_size`` run per batch there.
@@ -15,9 +15,7 @@ up to 2 px, horizontal flip) and resizing to ``img_size`` run per batch there.
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -28,10 +26,13 @@ from torch import Tensor, nn
 
 import effdl.soft  # noqa: F401  (registers soft_* with timm)
 from effdl.core.data import FASHION_MNIST, IMAGE_SETS, load_images
-from effdl.core.device import resolve_device
-from effdl.core.run_checkpoint import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
-from effdl.core.trainer import autocast_for, train_step, warmup_cosine_lr
+from effdl.core.device import autocast_for, resolve_device
 from effdl.errors import EffdlError
+from effdl.train.batches import EpochOrder
+from effdl.train.checkpoint import latest_checkpoint, read_trainer_state, read_weights, saved_config
+from effdl.train.loop import LoopConfig, TrainResult, TrainTask, fit
+
+TRAINER = "effdl soft train"
 
 
 @dataclass
@@ -57,24 +58,11 @@ class ImageTrainConfig:
     def __post_init__(self) -> None:
         if self.data not in IMAGE_SETS:
             raise EffdlError(f"unknown dataset {self.data!r}; available: {', '.join(IMAGE_SETS)}")
-        if self.model not in timm.list_models():
+        if not timm.is_model(self.model):
             raise EffdlError(f"unknown model {self.model!r}: not in timm's registry (soft_tiny ... soft_huge, "
                              "or any timm model such as pvt_v2_b0, deit_tiny_patch16_224)")
         if self.img_size <= 0 or self.epochs <= 0 or self.batch_size <= 0:
             raise EffdlError("img_size, epochs and batch_size must be positive")
-
-
-@dataclass
-class ImageTrainResult:
-    step: int
-    history: list[dict] = field(default_factory=list)  # one entry per evaluation
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of every step
-    images_per_s: float = 0.0
-    checkpoint: Path | None = None
-
-    @property
-    def top1(self) -> float:
-        return self.history[-1]["top1"]
 
 
 class DeviceImages:
@@ -138,68 +126,49 @@ def evaluate_classifier(model: nn.Module, data: DeviceImages, device: torch.devi
 
 
 def train_classifier(cfg: ImageTrainConfig, resume: str | Path | None = None,
-                     progress: bool = True) -> ImageTrainResult:
-    """Train ``cfg.model`` on ``cfg.data``; evaluates on the test split after every epoch and at the end."""
-    from effdl.progress import TrainProgress
+                     progress: bool = True) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data``; evaluates on the test split after every epoch and at the end.
 
+    The result's evaluations hold ``{"top1", "loss"}``; with ``resume`` (a checkpoint or run folder) the run
+    continues exactly.
+    """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_data, test_data = load_split(cfg, True, device), load_split(cfg, False, device)
     model = create_classifier(cfg.model, cfg.img_size).to(device)
-    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = epoch_steps(len(train_data), cfg.batch_size)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-
-    result, step = ImageTrainResult(step=0), 0
     if resume is not None:
-        step, result.history, result.losses = restore_run(read_checkpoint(resume, device), model, optimizer)
+        model.load_state_dict(read_weights(latest_checkpoint(resume), device))
+    order = EpochOrder(len(train_data), cfg.batch_size, cfg.seed)
+    steps_per_epoch = order.steps_per_epoch
 
-    started, start_step = time.perf_counter(), step
-    batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
-    with TrainProgress(total_steps, step, description=cfg.model, enabled=progress, unit="img/s",
-                       val_label="top-1") as bar:
-        model.train()
-        while step < total_steps:
-            index = next(batches).to(device)
-            augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            x, y = train_data.batch(index, augment=True, generator=augment_rng)
-            lr = warmup_cosine_lr(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
-            loss = train_step(model, optimizer, partial(classification_loss, model, x, y, cfg.label_smoothing), lr,
-                              cfg.grad_clip, device)
-            step += 1
-            result.losses.append((step, loss.item()))
-            elapsed = time.perf_counter() - started
-            result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
-            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
-                total_steps = step
-            if step % steps_per_epoch == 0 or step == total_steps:
-                metrics = evaluate_classifier(model, test_data, device)
-                result.history.append({"step": step, "epoch": step / steps_per_epoch,
-                                       "train_loss": result.losses[-1][1], **metrics})
-                result.checkpoint = save_run_checkpoint(cfg.out_dir, cfg.model, step, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": dataclasses.asdict(cfg), "history": result.history, "losses": result.losses})
-            bar.update(step, result.losses[-1][1], result.images_per_s,
-                       result.history[-1]["top1"] if result.history else None)
-    result.step = step
-    return result
+    def batch(step: int) -> tuple[Tensor, Tensor]:
+        augment_rng = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        return train_data.batch(order(step).to(device), augment=True, generator=augment_rng)
 
-
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint of ``train_classifier``: a .pth file or a run folder (its newest)."""
-    return read_run_checkpoint(path, {"model", "config", "optimizer"}, "effdl soft train", device)
+    task = TrainTask(
+        name=cfg.model, model=model,
+        optimizer=create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay),
+        batch=batch, loss=lambda xy: classification_loss(model, *xy, cfg.label_smoothing),
+        evaluate=lambda: evaluate_classifier(model, test_data, device),
+        trainer=TRAINER, config=dataclasses.asdict(cfg),
+        headline=lambda metrics: metrics.get("top1"), headline_label="top-1")
+    loop = LoopConfig(steps=max(1, round(cfg.epochs * steps_per_epoch)), lr=cfg.lr,
+                      warmup_steps=round(cfg.warmup_epochs * steps_per_epoch), min_lr_ratio=cfg.min_lr_ratio,
+                      grad_clip=cfg.grad_clip, eval_every=steps_per_epoch, checkpoint_every=steps_per_epoch,
+                      max_time_s=cfg.max_time_s, out_dir=cfg.out_dir, steps_per_epoch=steps_per_epoch,
+                      items_per_step=cfg.batch_size)
+    return fit(task, loop, resume=resume, progress=progress)
 
 
 def load_checkpoint_config(path: str | Path, **overrides: object) -> ImageTrainConfig:
     """The config a checkpoint was trained with, with ``overrides`` (e.g. more ``epochs``) applied."""
-    return ImageTrainConfig(**{**read_checkpoint(path)["config"], **overrides})
+    return ImageTrainConfig(**{**saved_config(path, TRAINER), **overrides})
 
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, ImageTrainConfig]:
-    """A model saved by ``train_classifier`` and the config it was trained with."""
-    state = read_checkpoint(path, device)
+    """A model saved by ``train_classifier`` (a checkpoint, or a run's newest) and the config it was trained with."""
+    state = read_trainer_state(path, TRAINER)
     cfg = ImageTrainConfig(**state["config"])
     model = create_classifier(cfg.model, cfg.img_size).to(device)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(read_weights(state["folder"], device))
     return model.eval(), cfg

@@ -7,18 +7,18 @@ import argparse
 import inspect
 from pathlib import Path
 
-from effdl.lm_cli import add_epoch_options, config_defaults, given_options
+from effdl.train.options import add_epoch_options, config_defaults, given_options
 
 
 def _train(args: argparse.Namespace) -> None:
     from effdl.report import print_table
     from effdl.sprnet.evaluate import METRIC_NAMES, format_metrics
-    from effdl.sprnet.train import DetectionTrainConfig, read_checkpoint, train_detector
+    from effdl.sprnet.train import DetectionTrainConfig, saved_detection_config, train_detector
 
-    saved = read_checkpoint(args.resume)["config"] if args.resume else {}
+    saved = saved_detection_config(args.resume) if args.resume else {}
     given = given_options(args, DetectionTrainConfig)
     result = train_detector(DetectionTrainConfig(**{**saved, **given}), resume=args.resume)
-    print_table(f"{result.history[-1]['epoch']:g} epochs, checkpoint {result.checkpoint}", ["IoU", *METRIC_NAMES],
+    print_table(f"{result.evals[-1]['epoch']:g} epochs, checkpoint {result.checkpoint}", ["IoU", *METRIC_NAMES],
                 format_metrics(result.metrics))
 
 

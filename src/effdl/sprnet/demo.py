@@ -44,7 +44,7 @@ def sprnet_stage(out_dir: Path, quick: bool) -> StageReport:
     ap = format_metrics(result.metrics)
     rows = [("model", f"sprnet_resnet18_fpn, {cfg.shapes_image_size}-px synthetic shapes"),
             ("backbone", f"pretrained {pretrain_steps} steps on object crops ({100 * crop_accuracy:.0f}% accurate)"),
-            ("images seen", f"{result.step * cfg.batch_size:,} at {result.images_per_s:,.1f} img/s"),
+            ("images seen", f"{result.step * cfg.batch_size:,} at {result.items_per_s:,.1f} img/s"),
             *((f"{iou} AP / AP50 ({len(val)} val images)", f"{ap_all} / {ap50}") for iou, ap_all, ap50, *_ in ap)]
     markdown = (markdown_table(["IoU", *METRIC_NAMES], ap) + f"\n![SPRNet overlay]({overlay.name})\n\n"
                 "Masks come from one feature vector per detection (its anchor's location), decoded only for the "

@@ -14,7 +14,6 @@ data, pass ImageNet weights from a local file instead (``weights_backbone``).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torchvision.ops import roi_align
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances
 from effdl.sprnet.model import BACKBONES
+from effdl.train.loop import LoopConfig, TrainTask, fit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's detection transform normalises with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,42 +62,41 @@ def pretrain_backbone(dataset: CocoInstances, backbone: str = "resnet18", steps:
                       progress: bool = True) -> tuple[dict[str, Tensor], float]:
     """Train ``backbone`` as a classifier of ``dataset``'s object crops; return its state dict and training accuracy.
 
-    AdamW with a one-cycle schedule, label smoothing 0.1 and horizontal flips. The state dict is a torchvision
-    ResNet's without the classifier (``fc.*``), which ``resnet_fpn(weights_backbone=...)`` loads. The accuracy is
-    measured in eval mode on up to 2,048 of the crops after training.
+    ``effdl.train``'s loop: AdamW, 10% linear warmup then cosine to zero, label smoothing 0.1 and horizontal
+    flips; step n's batch and flips are a function of (seed, n). The state dict is a torchvision ResNet's without
+    the classifier (``fc.*``), which ``resnet_fpn(weights_backbone=...)`` loads. The accuracy is measured in eval
+    mode on up to 2,048 of the crops after training.
     """
-    from effdl.progress import TrainProgress
-
     if backbone not in BACKBONES:
         raise EffdlError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if steps < 1 or batch_size < 1:
         raise EffdlError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     images, labels = object_crops(dataset, crop_size)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     images = (images - mean) / std
     net = BACKBONES[backbone](num_classes=len(dataset.category_names))
-    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
-    net.train()
-    start = time.perf_counter()
-    with TrainProgress(steps, description=f"pretrain {backbone}", enabled=progress, unit="img/s") as bar:
-        for step in range(1, steps + 1):
-            batch = torch.randint(len(images), (batch_size,), generator=generator)
-            flip = torch.rand(batch_size, generator=generator) < 0.5
-            x = images[batch]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(net(x), labels[batch], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update(step, loss.item(), step * batch_size / (time.perf_counter() - start), None)
-    net.eval()
-    with torch.no_grad():
-        accuracy = (net(images[:2048]).argmax(1) == labels[:2048]).float().mean().item()
-    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, accuracy
+
+    def batch(step: int) -> tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        index = torch.randint(len(images), (batch_size,), generator=generator)
+        flip = torch.rand(batch_size, generator=generator) < 0.5
+        x = images[index]
+        return torch.where(flip[:, None, None, None], x.flip(-1), x), labels[index]
+
+    def crop_accuracy() -> dict[str, float]:
+        net.eval()
+        return {"accuracy": (net(images[:2048]).argmax(1) == labels[:2048]).float().mean().item()}
+
+    task = TrainTask(name=f"pretrain {backbone}", model=net,
+                     optimizer=torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05), batch=batch,
+                     loss=lambda xy: F.cross_entropy(net(xy[0]), xy[1], label_smoothing=0.1),
+                     evaluate=crop_accuracy, trainer="effdl sprnet pretrain", config={},
+                     headline=lambda metrics: metrics.get("accuracy"), headline_label="crop acc")
+    loop = LoopConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10), min_lr_ratio=0.0,
+                      items_per_step=batch_size)
+    result = fit(task, loop, progress=progress)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}, result.metrics["accuracy"]
 
 
 def save_backbone(state: dict[str, Tensor], path: str | Path) -> Path:

@@ -3,31 +3,33 @@
 ``train_detector(cfg)`` trains any model of ``effdl.sprnet.model.DETECTORS``
 on synthetic shapes or a COCO-format folder with one recipe (AdamW, warmup +
 cosine, gradient clipping, horizontal flips), evaluates COCO box and mask AP
-after every epoch, and writes one checkpoint per epoch that ``--resume``
-continues exactly. A checkpoint holds the config and category names, so
-``load_detector(path)`` rebuilds the model with nothing else.
+after every ``eval_every`` epochs, and writes a checkpoint there that
+``--resume`` continues exactly; the loop is ``effdl.train``'s. A checkpoint
+holds the config and category names, so ``load_detector(path)`` rebuilds the
+model with nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from effdl.core.data import cache_dir
-from effdl.core.device import resolve_device
-from effdl.core.run_checkpoint import epoch_batches, epoch_steps, read_run_checkpoint, restore_run, save_run_checkpoint
-from effdl.core.trainer import autocast_for, train_step, warmup_cosine_lr
+from effdl.core.device import autocast_for, resolve_device
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
 from effdl.sprnet.evaluate import draw_overlay, evaluate_model, save_overlay
 from effdl.sprnet.model import BACKBONES, DETECTORS, build_detector
+from effdl.train.batches import EpochOrder
+from effdl.train.checkpoint import latest_checkpoint, read_trainer_state, read_weights, saved_config
+from effdl.train.loop import LoopConfig, TrainResult, TrainTask, fit
+
+TRAINER = "effdl sprnet train"
 
 
 @dataclass
@@ -78,19 +80,6 @@ class DetectionTrainConfig:
                 raise EffdlError(f"{name} must be positive, got {getattr(self, name)}")
 
 
-@dataclass
-class DetectionTrainResult:
-    step: int
-    checkpoint: Path | None = None
-    images_per_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) of every step
-
-    @property
-    def metrics(self) -> dict[str, dict[str, float]]:
-        return self.history[-1]["metrics"] if self.history else {}
-
-
 def load_dataset(cfg: DetectionTrainConfig, split: str, train: bool = False) -> CocoInstances:
     """One split of ``cfg.data``; synthetic shapes are generated on first use into the effdl cache."""
     root = Path(cfg.data)
@@ -117,63 +106,42 @@ def create_detector(cfg: DetectionTrainConfig, num_classes: int) -> nn.Module:
 
 
 def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
-                   progress: bool = True) -> DetectionTrainResult:
-    """Train ``cfg.model``; evaluate COCO AP on the validation split every ``eval_every`` epochs and at the end."""
-    from effdl.progress import TrainProgress
+                   progress: bool = True) -> TrainResult:
+    """Train ``cfg.model``; evaluate COCO AP on the validation split every ``eval_every`` epochs and at the end.
 
+    The result's evaluations hold ``{"bbox": {...}, "segm": {...}}`` (``segm`` for mask models); with ``resume``
+    (a checkpoint or run folder) the run continues exactly.
+    """
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     train_data, val_data = load_dataset(cfg, cfg.train_split, train=True), load_dataset(cfg, cfg.val_split)
     _check_categories(val_data, train_data.category_names, "the training split has")
     model = create_detector(cfg, train_data.num_classes).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel over all parameters, 7x faster than the default on CPU for these ~20M parameters
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    steps_per_epoch = epoch_steps(len(train_data), cfg.batch_size)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-
-    result, step = DetectionTrainResult(step=0), 0
     if resume is not None:
-        step, result.history, result.losses = restore_run(read_checkpoint(resume, device), model, optimizer)
+        model.load_state_dict(read_weights(latest_checkpoint(resume), device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    order = EpochOrder(len(train_data), cfg.batch_size, cfg.seed)
+    steps_per_epoch = order.steps_per_epoch
 
-    started, start_step = time.perf_counter(), step
-    batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, step)
-    with TrainProgress(total_steps, step, description=cfg.model, enabled=progress, unit="img/s",
-                       val_label="mask AP" if "retinanet" not in cfg.model else "box AP") as bar:
-        model.train()
-        while step < total_steps:
-            torch.manual_seed(cfg.seed * 1_000_003 + step)  # flips: a function of (seed, step), like the batches
-            images, targets = collate([train_data[int(i)] for i in next(batches)])
-            images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-            lr = warmup_cosine_lr(step, total_steps, cfg.warmup_steps, cfg.lr, cfg.min_lr_ratio)
-            loss = train_step(model, optimizer, partial(_total_loss, model, images, targets), lr, cfg.grad_clip,
-                              device)
-            if not torch.isfinite(loss):
-                raise EffdlError(f"loss became {loss.item()} at step {step}; lower --lr (now {cfg.lr})")
-            step += 1
-            result.losses.append((step, loss.item()))
-            elapsed = time.perf_counter() - started
-            result.images_per_s = (step - start_step) * cfg.batch_size / elapsed
-            if cfg.max_time_s is not None and elapsed >= cfg.max_time_s:
-                total_steps = step
-            epoch_done = step % steps_per_epoch == 0 and (step // steps_per_epoch) % cfg.eval_every == 0
-            if epoch_done or step == total_steps:
-                metrics = evaluate(model, val_data, cfg, device)
-                result.history.append({"step": step, "epoch": step / steps_per_epoch, "loss": result.losses[-1][1],
-                                       "metrics": metrics})
-                result.checkpoint = save_run_checkpoint(cfg.out_dir, cfg.model, step, {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "config": dataclasses.asdict(cfg), "category_names": train_data.category_names,
-                    "history": result.history, "losses": result.losses})
-                model.train()
-            bar.update(step, result.losses[-1][1], result.images_per_s, _headline(result.metrics))
-    result.step = step
-    return result
+    def batch(step: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        torch.manual_seed(cfg.seed * 1_000_003 + step)  # flips: a function of (seed, step), like the batches
+        images, targets = collate([train_data[int(i)] for i in order(step)])
+        return [im.to(device) for im in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
 
-
-def _total_loss(model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    return sum(model(images, targets).values())
+    task = TrainTask(
+        name=cfg.model, model=model,
+        # fused: one kernel over all parameters, 7x faster than the default on CPU for these ~20M parameters
+        optimizer=torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True),
+        batch=batch, loss=lambda batch: sum(model(*batch).values()),
+        evaluate=lambda: evaluate(model, val_data, cfg, device),
+        trainer=TRAINER, config=dataclasses.asdict(cfg), extra={"category_names": train_data.category_names},
+        headline=_headline, headline_label="mask AP" if "retinanet" not in cfg.model else "box AP")
+    loop = LoopConfig(steps=max(1, round(cfg.epochs * steps_per_epoch)), lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                      min_lr_ratio=cfg.min_lr_ratio, grad_clip=cfg.grad_clip,
+                      eval_every=cfg.eval_every * steps_per_epoch, checkpoint_every=cfg.eval_every * steps_per_epoch,
+                      max_time_s=cfg.max_time_s, out_dir=cfg.out_dir, steps_per_epoch=steps_per_epoch,
+                      items_per_step=cfg.batch_size)
+    return fit(task, loop, resume=resume, progress=progress)
 
 
 def evaluate(model: nn.Module, dataset: CocoInstances, cfg: DetectionTrainConfig,
@@ -189,18 +157,18 @@ def _headline(metrics: dict[str, dict[str, float]]) -> float | None:
     return None if chosen is None else 100 * chosen["AP"]
 
 
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint of ``train_detector``: a .pth file or a run folder (its newest)."""
-    return read_run_checkpoint(path, {"model", "config", "category_names"}, "effdl sprnet train", device)
+def saved_detection_config(path: str | Path) -> dict[str, Any]:
+    """The config (as a dict) a checkpoint of ``train_detector`` was trained with, for resuming with overrides."""
+    return saved_config(path, TRAINER)
 
 
 def load_detector(path: str | Path, device: str = "auto", **overrides: Any) -> tuple[nn.Module,
                                                                                      DetectionTrainConfig, list[str]]:
     """(model in eval mode, its training config with ``overrides``, category names) from a checkpoint or run folder."""
-    state = read_checkpoint(path, resolve_device(device))
+    state = read_trainer_state(path, TRAINER)
     cfg = DetectionTrainConfig(**{**state["config"], **overrides})
     model = create_detector(cfg, len(state["category_names"]) + 1)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(read_weights(state["folder"]))
     return model.to(resolve_device(device)).eval(), cfg, state["category_names"]
 
 
