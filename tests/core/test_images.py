@@ -5,6 +5,7 @@ import effdl.core.data as data
 from effdl.core.data import IMAGE_STATS, SHAPES10, SHAPES10_CLASSES, default_image_set, load_images, shapes10
 from effdl.errors import EffdlError
 from effdl.soft.train import ImageTrainConfig, train_classifier
+from effdl.train.checkpoint import saved_config
 
 
 def test_shapes10_is_deterministic_balanced_and_prefix_stable():
@@ -52,5 +53,5 @@ def test_soft_trains_on_shapes10(tmp_path):
                            warmup_epochs=0.2, train_subset=2048, eval_subset=500, out_dir=str(tmp_path))
     result = train_classifier(cfg, progress=False)
     assert result.step == 64
-    assert result.top1 > 30.0, result.history  # chance is 10%; 48% here after 64 steps of 32 images
-    assert torch.load(result.checkpoint)["config"]["data"] == SHAPES10
+    assert result.metrics["top1"] > 30.0, result.evals  # chance is 10%; 48% here after 64 steps of 32 images
+    assert saved_config(result.checkpoint, "effdl soft train")["data"] == SHAPES10
