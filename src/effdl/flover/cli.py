@@ -11,7 +11,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
           policy=args.policy, shuffle=not args.no_shuffle, prefill_chunk=args.prefill_chunk,
-          max_queue=args.max_queue, name=args.name, device=args.device, tp=args.tp)
+          max_queue=args.max_queue, name=args.name, device=args.device, tp=args.tp, api_key=args.api_key)
 
 
 def add_commands(verbs: argparse._SubParsersAction) -> None:
@@ -39,4 +39,7 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
     sv.add_argument("--device", default=d["device"], help=shown)
     sv.add_argument("--tp", type=int, default=d["tp"],
                     help=f"tensor-parallel ranks (run under torchrun with as many) {shown}")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize, /detokenize "
+                         "(default: $EFFDL_API_KEY if set, else no key)")
     sv.set_defaults(func=_serve)

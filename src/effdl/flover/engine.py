@@ -25,7 +25,7 @@ from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.flover.request import Request, RequestOutput, SamplingParams
 from effdl.flover.runner import ModelRunner
-from effdl.flover.sampling import find_stop, held_back, logprob_entry, sample_token, stop_reason
+from effdl.flover.sampling import find_stop, held_back, logprob_entry, process_logits, sample_token, stop_reason
 from effdl.flover.scheduler import Scheduler, StepPlan
 
 DEFAULT_MAX_LEN = 4096
@@ -81,6 +81,9 @@ class Engine:
         """Validate and tokenise a request without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
         tokens = self._encode(prompt)
+        if bad := [t for t, _ in params.logit_bias if t >= self.config.vocab_size]:
+            raise EffdlError(f"logit_bias names token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                             f"{bad[:5]}")
         if len(tokens) + params.max_tokens > self.max_len:
             raise EffdlError(f"the prompt has {len(tokens)} tokens and max_tokens is {params.max_tokens}: "
                              f"together more than this engine's max_len of {self.max_len} tokens")
@@ -176,9 +179,14 @@ class Engine:
             self.stats["window_rows"] += plan.decode.hi - plan.decode.lo
 
     def _advance(self, request: Request, logits: Tensor) -> RequestOutput:
-        """Sample ``request``'s next token from its logits (V,), then apply its stop rules."""
+        """Sample ``request``'s next token from its logits (V,), then apply its stop rules.
+
+        Logprobs are of the model's own distribution (``logits`` before the
+        penalties and biases), as vLLM reports them by default.
+        """
         p = request.params
-        token = sample_token(logits, p, request.generator)
+        processed = process_logits(logits, p, request.prompt, request.output, self.config.eos_id)
+        token = sample_token(processed, p, request.generator)
         request.output.append(token)
         new_logprobs = [logprob_entry(logits, token, p.logprobs)] if p.logprobs is not None else []
         reason = stop_reason(token, len(request.output), p, self.config.eos_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,12 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; N = the sampled token's logprob and the top N
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the output
+    repetition_penalty: float = 1.0  # vLLM's: > 1 discourages tokens of the prompt or the output
+    min_tokens: int = 0  # vLLM's: EOS and stop tokens are masked until this many tokens are out
+    # token id -> bias added to its logit; a mapping is stored as sorted (id, bias) pairs so the params stay frozen
+    logit_bias: Mapping[int, float] | tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -32,6 +39,26 @@ class SamplingParams:
         check_sampling(self.temperature, self.top_p, self.top_k)
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise EffdlError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise EffdlError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise EffdlError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise EffdlError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        bias = tuple(sorted(dict(self.logit_bias).items()))
+        for token, value in bias:
+            if not isinstance(token, int) or token < 0:
+                raise EffdlError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise EffdlError(f"logit_bias values must be in [-100, 100], got {value} for token {token}")
+        object.__setattr__(self, "logit_bias", bias)  # frozen: the one normalisation __post_init__ does
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor (penalties, bias, min_tokens) changes the logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.logit_bias)
 
 
 class Status(enum.Enum):

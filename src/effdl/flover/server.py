@@ -2,20 +2,27 @@
 
 Routes: ``POST /v1/completions`` (prompt as text or token ids, as OpenAI's
 legacy API and vLLM accept), ``POST /v1/chat/completions``, both streaming
-(Server-Sent Events) or not; ``GET /v1/models``, ``/health`` and ``/metrics``
-(Prometheus text). Errors are OpenAI-style JSON with a 4xx code (503 when the
-queue is full or the engine has stopped); a client that disconnects has its request aborted.
+(Server-Sent Events) or not and with ``n`` choices (one engine request each);
+vLLM's ``POST /tokenize`` and ``/detokenize``; ``GET /v1/models``, ``/health``
+and ``/metrics`` (Prometheus text). With an API key, /v1/* and (de)tokenize
+need it as a bearer token. Errors are OpenAI-style JSON with a 4xx code (503
+when the queue is full or the engine has stopped); a field the server does not
+implement, or does not know, is a 400 naming it rather than silently ignored.
+A client that disconnects has its request aborted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from effdl.core.config import PRESETS, ModelConfig
 from effdl.core.hf import load_checkpoint
@@ -43,61 +51,148 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class _Sampling(BaseModel):
-    """The sampling fields common to both endpoints (OpenAI's names, plus vLLM's extras)."""
+MAX_N = 16  # most choices one request may ask for: each is its own engine request and KV slot
+MAX_STOP = 4  # most stop strings, as OpenAI allows
 
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # vLLM's extra; -1 also means no limit
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-
-    def sampling_params(self, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
-        if self.n != 1:
-            raise EffdlError(f"n must be 1 (one completion per request), got {self.n}")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-        return SamplingParams(max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
-                              temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0), stop=stop,
-                              stop_token_ids=tuple(self.stop_token_ids or ()), seed=self.seed,
-                              ignore_eos=self.ignore_eos, logprobs=logprobs)
-
-    @property
-    def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-    return_tokens_as_token_ids: bool = False  # vLLM's extra: logprobs name tokens "token_id:N"
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
+# Fields the OpenAI API defines that this server does not implement. A request that sends one gets a 400
+# naming it rather than an answer that silently ignores it; any other unknown field gets a 400 too.
+UNSUPPORTED_FIELDS = frozenset({
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "tool_calls", "tool_call_id",
+    "audio", "modalities", "prediction", "web_search_options", "reasoning_effort", "service_tier", "store",
+    "metadata", "refusal"})
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+class _Body(BaseModel):
+    """A request body: a field outside the model is an error (400 naming it), never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Sampling(_Body):
+    """The sampling fields common to both endpoints (OpenAI's names, plus vLLM's extras).
+
+    OpenAI-defined numbers may be sent as null, which means their default.
+    """
+
+    model: str
+    max_tokens: int | None = 16
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    top_k: int = 0  # vLLM's extra; -1 also means no limit
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's extra
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extra
+    stream: bool | None = False
+    stream_options: dict[str, Any] | None = None
+    n: int | None = 1
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float = 1.0  # vLLM's extra
+    min_tokens: int = 0  # vLLM's extra
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None  # only {"type": "text"}, the default
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, nothing here uses it
+
+    @property
+    def num_choices(self) -> int:
+        return 1 if self.n is None else self.n
+
+    def sampling_params(self, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
+        """The engine's ``SamplingParams`` for one choice; raises ``APIError`` (400) naming a bad field."""
+        if not 1 <= self.num_choices <= MAX_N:
+            raise APIError(400, f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise APIError(400, f"response_format {self.response_format['type']!r} is not supported: only 'text'",
+                           param="response_format")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stop) > MAX_STOP or not all(stop):
+            raise APIError(400, f"stop takes at most {MAX_STOP} non-empty strings, got {list(stop)}", param="stop")
+        try:
+            bias = {int(token): value for token, value in (self.logit_bias or {}).items()}
+        except ValueError as error:
+            raise APIError(400, f"logit_bias keys must be token ids as strings: {error}", param="logit_bias") from error
+        try:
+            return SamplingParams(
+                max_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+                temperature=_default(self.temperature, 1.0), top_p=_default(self.top_p, 1.0),
+                top_k=max(self.top_k, 0), stop=stop, stop_token_ids=tuple(self.stop_token_ids or ()),
+                seed=self.seed, ignore_eos=self.ignore_eos, logprobs=logprobs,
+                presence_penalty=_default(self.presence_penalty, 0.0),
+                frequency_penalty=_default(self.frequency_penalty, 0.0),
+                repetition_penalty=self.repetition_penalty, min_tokens=self.min_tokens, logit_bias=bias)
+        except EffdlError as error:
+            raise APIError(400, str(error)) from error
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None  # only = n: no server-side ranking of extra candidates
+    suffix: str | None = None  # only empty: no insertion (fill-in-the-middle)
+    return_tokens_as_token_ids: bool = False  # vLLM's extra: logprobs name tokens "token_id:N"
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]]  # a string, or OpenAI's content parts (text ones only)
+    name: str | None = None  # passed to the chat template, which may use it
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered by the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True  # for messages: end with the assistant's turn, as /v1/chat/completions does
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+def message_text(content: str | list[dict[str, Any]], where: str) -> str:
+    """A message's text: the string, or its text parts joined by newlines in order (as vLLM joins them).
+
+    Any other part (an image, audio, a file) raises ``APIError`` naming its type, as does a malformed part.
+    """
+    if isinstance(content, str):
+        return content
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind != "text":
+            raise APIError(400, f"{where}.content.{j} is a content part of type {kind!r}: only 'text' parts are "
+                                f"supported", param=f"{where}.content")
+        if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+            raise APIError(400, f"{where}.content.{j}: a text part is {{'type': 'text', 'text': <string>}}, got "
+                                f"{part}", param=f"{where}.content")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _error_response(status: int, message: str, kind: str = "invalid_request_error",
@@ -109,12 +204,41 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+class _RequireAPIKey:
+    """ASGI middleware: /v1/*, /tokenize and /detokenize need ``Authorization: Bearer <key>``, else 401.
+
+    Plain ASGI rather than Starlette's ``BaseHTTPMiddleware``, which would wrap
+    every streamed response and its disconnect handling. /health and /metrics stay open (as in vLLM).
+    """
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and _protected(scope["path"]):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = _error_response(401, "Missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                                           "authentication_error")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _protected(path: str) -> bool:
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
 def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None = None,
-               max_model_len: int | None = None) -> FastAPI:
-    """The FastAPI app; it starts ``engine`` on startup and drains it on shutdown."""
+               max_model_len: int | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app; it starts ``engine`` on startup and drains it on shutdown.
+
+    With ``api_key``, every /v1/* and (de)tokenize request must carry it as a bearer token.
+    """
     chat_template = jinja2.Environment(autoescape=False).from_string(
         getattr(tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE)
     max_model_len = max_model_len or engine.engine.max_len
+    vocab_size = engine.engine.config.vocab_size
     default_max_tokens = 16
 
     @asynccontextmanager
@@ -124,6 +248,8 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
         await engine.shutdown(drain=True, timeout_s=10.0)
 
     app = FastAPI(title="effdl flover", lifespan=lifespan)
+    if api_key:
+        app.add_middleware(_RequireAPIKey, api_key=api_key)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -132,12 +258,24 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
             if e["type"] == "json_invalid":
                 return _error_response(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error')}")
             where = ".".join(str(p) for p in e["loc"] if p != "body")
+            if e["type"] == "extra_forbidden":  # one clean message naming the field
+                known = str(e["loc"][-1]) in UNSUPPORTED_FIELDS
+                return _error_response(400, f"`{where}` is not supported by this server" if known else
+                                       f"`{where}` is not a field this endpoint accepts", param=where)
             problems.append(f"{where}: {e['msg']}" if where else e["msg"])
         return _error_response(400, "invalid request: " + "; ".join(problems))
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return _error_response(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404 route, 405 method
+        return _error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:  # a bug: JSON, never a traceback
+        return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
 
     @app.get("/health")
     async def health() -> dict:
@@ -162,81 +300,162 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
         lines += engine.latency.prometheus("flover_request_latency_seconds", "end-to-end request latency")
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
-    def check_model_name(name: str) -> None:
-        if name != model_name:
+    def check_model_name(name: str | None) -> None:
+        if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves `{model_name}`",
                            "not_found_error", "model")
+
+    def sampling_params(body: _Sampling, logprobs: int | None) -> SamplingParams:
+        params = body.sampling_params(logprobs, default_max_tokens)
+        if bad := [t for t, _ in params.logit_bias if t >= vocab_size]:  # the engine checks too, naming no param
+            raise APIError(400, f"logit_bias names token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}",
+                           param="logit_bias")
+        return params
+
+    def render_chat(messages: list[ChatMessage], add_generation_prompt: bool = True) -> str:
+        rendered = [{"role": m.role, "content": message_text(m.content, f"messages.{i}"),
+                     **({"name": m.name} if m.name is not None else {})} for i, m in enumerate(messages)]
+        try:
+            return chat_template.render(messages=rendered, add_generation_prompt=add_generation_prompt,
+                                        bos_token="", eos_token="")
+        except jinja2.TemplateError as error:
+            raise APIError(400, f"the chat template failed on these messages: {error}", param="messages") from error
+
+    async def start_choices(prompt: str | list[int], params: SamplingParams, n: int, rid: str
+                            ) -> tuple[list[str], AsyncIterator[tuple[int, RequestOutput]]]:
+        """n engine requests for one prompt (choice i seeded ``seed + i``); their outputs merged, by index.
+
+        All n are queued at once (gathered, not one after another's first token), so they prefill together.
+        """
+        ids = [f"{rid}-{i}" for i in range(n)]
+        started = await asyncio.gather(*(
+            _start(engine, prompt, params if params.seed is None else replace(params, seed=params.seed + i), request_id)
+            for i, request_id in enumerate(ids)), return_exceptions=True)
+        if failed := [e for e in started if isinstance(e, BaseException)]:
+            for request_id in ids:  # e.g. the queue filled up part-way: the choices that got in must not run on
+                engine.abort(request_id)
+            raise failed[0]
+        return ids, _merge(started)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
         check_model_name(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", param="prompt")
             prompt = prompt[0]
-        params = _params(body, body.logprobs, default_max_tokens)
+        n = body.num_choices
+        if body.best_of is not None and body.best_of != n:
+            raise APIError(400, f"best_of must equal n ({n}) when given, got {body.best_of}: this server does not "
+                                f"rank extra candidates", param="best_of")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix")
+        echo = ""
+        if body.echo:
+            if body.logprobs is not None:
+                raise APIError(400, "echo together with logprobs is not supported: this server does not compute "
+                                    "the prompt's logprobs", param="echo")
+            if isinstance(prompt, str):
+                echo = prompt
+            elif tokenizer is None:
+                raise APIError(400, "echo of a token-id prompt needs a tokenizer, and this model has none",
+                               param="echo")
+            else:
+                echo = tokenizer.decode(list(prompt))
+        params = sampling_params(body, body.logprobs)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        outputs = await _start(engine, prompt, params, rid)
+        ids, outputs = await start_choices(prompt, params, n, rid)
 
         def logprobs(tokens: list[int], entries: list[dict[int, float]]) -> dict | None:
             if params.logprobs is None:
                 return None
             return _completion_logprobs(None if body.return_tokens_as_token_ids else tokenizer, tokens, entries)
 
-        def chunk(out: RequestOutput) -> dict:
+        def envelope(choices: list[dict]) -> dict:
             return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "text": out.new_text, "finish_reason": _finish(out),
-                                 "logprobs": logprobs(out.new_token_ids, out.new_logprobs)}]}
+                    "choices": choices}
+
+        started: set[int] = set()
+
+        def chunk(index: int, out: RequestOutput) -> dict:
+            prefix = echo if index not in started else ""  # the echoed prompt leads each choice's first chunk
+            started.add(index)
+            return envelope([{"index": index, "text": prefix + out.new_text, "finish_reason": _finish(out),
+                              "logprobs": logprobs(out.new_token_ids, out.new_logprobs)}])
 
         if body.stream:
-            return _stream(http, outputs, chunk, rid, model_name, "text_completion", body.include_usage)
-        text, tokens, entries, last = await _collect(http, outputs, rid, engine)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": _finish(last),
-                             "logprobs": logprobs(tokens, entries)}],
-                "usage": _usage(last)}
+            return _stream(http, outputs, chunk, envelope, body.include_usage)
+        results = await _collect(http, outputs, ids, engine)
+        return {**envelope([{"index": i, "text": echo + r.text, "finish_reason": _finish(r.last),
+                             "logprobs": logprobs(r.tokens, r.logprobs)} for i, r in enumerate(results)]),
+                "usage": _usage([r.last for r in results])}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
         check_model_name(body.model)
         if body.max_completion_tokens is not None:
+            if "max_tokens" in body.model_fields_set and body.max_tokens not in (None, body.max_completion_tokens):
+                raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens "
+                                    f"({body.max_completion_tokens}) differ: send one", param="max_completion_tokens")
             body.max_tokens = body.max_completion_tokens
-        messages = [m.model_dump() for m in body.messages]
-        try:
-            prompt = chat_template.render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
-        except jinja2.TemplateError as error:
-            raise APIError(400, f"the chat template failed on these messages: {error}", param="messages") from error
-        params = _params(body, (body.top_logprobs or 0) if body.logprobs else None, default_max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        prompt = render_chat(body.messages)
+        top_n = body.top_logprobs or 0
+        params = sampling_params(body, top_n if body.logprobs else None)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        outputs = await _start(engine, prompt, params, rid)
-        first = True
+        ids, outputs = await start_choices(prompt, params, body.num_choices, rid)
 
-        def chunk(out: RequestOutput) -> dict:
-            nonlocal first
-            delta = {"role": "assistant", "content": out.new_text} if first else {"content": out.new_text}
-            first = False
+        def logprobs(tokens: list[int], entries: list[dict[int, float]]) -> dict | None:
+            return _chat_logprobs(tokenizer, tokens, entries, top_n) if params.logprobs is not None else None
+
+        def envelope(choices: list[dict]) -> dict:
             return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": _finish(out)}]}
+                    "choices": choices}
+
+        started: set[int] = set()
+
+        def chunk(index: int, out: RequestOutput) -> dict:
+            delta = {"content": out.new_text} if index in started else {"role": "assistant", "content": out.new_text}
+            started.add(index)
+            choice = {"index": index, "delta": delta, "finish_reason": _finish(out)}
+            if params.logprobs is not None:
+                choice["logprobs"] = logprobs(out.new_token_ids, out.new_logprobs)
+            return envelope([choice])
 
         if body.stream:
-            return _stream(http, outputs, chunk, rid, model_name, "chat.completion.chunk", body.include_usage)
-        text, _, _, last = await _collect(http, outputs, rid, engine)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": _finish(last)}],
-                "usage": _usage(last)}
+            return _stream(http, outputs, chunk, envelope, body.include_usage)
+        results = await _collect(http, outputs, ids, engine)
+        choices = []
+        for i, r in enumerate(results):
+            choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": _finish(r.last)})
+            if params.logprobs is not None:
+                choices[-1]["logprobs"] = logprobs(r.tokens, r.logprobs)
+        return {**envelope(choices), "object": "chat.completion", "usage": _usage([r.last for r in results])}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict:
+        check_model_name(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "send exactly one of prompt and messages", param="prompt")
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: prompts must be token ids", param="prompt")
+        text = body.prompt if body.prompt is not None else render_chat(body.messages, body.add_generation_prompt)
+        tokens = tokenizer.encode(text)  # what the engine encodes, so the count is the prompt's cost there
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        check_model_name(body.model)
+        if bad := [t for t in body.tokens if not 0 <= t < vocab_size]:
+            raise APIError(400, f"token ids must be in [0, {vocab_size}); got {bad[:5]}", param="tokens")
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer to decode with", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     return app
-
-
-def _params(body: _Sampling, logprobs: int | None, default_max_tokens: int) -> SamplingParams:
-    try:
-        return body.sampling_params(logprobs, default_max_tokens)
-    except EffdlError as error:
-        raise APIError(400, str(error)) from error
 
 
 async def _start(engine: AsyncEngine, prompt: str | list[int], params: SamplingParams,
@@ -261,73 +480,153 @@ async def _start(engine: AsyncEngine, prompt: str | list[int], params: SamplingP
     return rest()
 
 
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every stream's outputs as they arrive, tagged with the stream's index.
+
+    Closing the merged iterator early (a client gone) closes every stream,
+    which aborts the requests that have not finished.
+    """
+    if len(streams) == 1:  # the common case, without a task per stream
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
+        return
+    arrived: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                arrived.put_nowait((index, out))
+        except Exception as error:  # a stream that failed ends the merge with its error
+            arrived.put_nowait((index, error))
+        finally:
+            arrived.put_nowait((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await arrived.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()  # a cancelled stream aborts its request (AsyncEngine.generate's finally)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+
+
 def _finish(out: RequestOutput) -> str | None:
     return out.finish_reason if out.finished else None
 
 
-def _usage(out: RequestOutput) -> dict:
-    return {"prompt_tokens": out.num_prompt_tokens, "completion_tokens": out.num_output_tokens,
-            "total_tokens": out.num_prompt_tokens + out.num_output_tokens}
+def _usage(lasts: list[RequestOutput]) -> dict:
+    """OpenAI's usage: the prompt counted once, the completion tokens summed over the choices."""
+    prompt, completion = lasts[0].num_prompt_tokens, sum(out.num_output_tokens for out in lasts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_name(tokenizer: Tokenizer | None, token: int) -> str:
+    text = tokenizer.decode([token]) if tokenizer is not None else "\ufffd"
+    return f"token_id:{token}" if "\ufffd" in text else text  # as vLLM names tokens that are not text
 
 
 def _completion_logprobs(tokenizer: Tokenizer | None, tokens: list[int], entries: list[dict[int, float]]) -> dict:
     """OpenAI's legacy ``logprobs`` object: sampled tokens, their logprobs and the top alternatives."""
 
     def show(token: int) -> str:
-        text = tokenizer.decode([token]) if tokenizer is not None else "\ufffd"
-        return f"token_id:{token}" if "\ufffd" in text else text  # as vLLM names tokens that are not text
+        return _token_name(tokenizer, token)
 
     return {"tokens": [show(t) for t in tokens], "token_logprobs": [e[t] for t, e in zip(tokens, entries, strict=True)],
             "top_logprobs": [{show(t): lp for t, lp in e.items()} for e in entries],
             "token_ids": tokens}
 
 
-async def _collect(http: Request, outputs: AsyncIterator[RequestOutput], request_id: str, engine: AsyncEngine
-                   ) -> tuple[str, list[int], list[dict[int, float]], RequestOutput]:
-    """Run a non-streaming request to its end, aborting it if the client goes away meanwhile."""
+def _chat_logprobs(tokenizer: Tokenizer | None, tokens: list[int], entries: list[dict[int, float]],
+                   top_n: int) -> dict:
+    """OpenAI's chat ``logprobs`` object: per sampled token its logprob, bytes, and the ``top_n`` most likely."""
 
-    async def gather() -> tuple[str, list[int], list[dict[int, float]], RequestOutput]:
-        text, tokens, logprobs = [], [], []
-        async for out in outputs:
-            text.append(out.new_text)
-            tokens += out.new_token_ids
-            logprobs += out.new_logprobs
-            last = out
-        return "".join(text), tokens, logprobs, last
+    def item(token: int, logprob: float) -> dict:
+        name = _token_name(tokenizer, token)
+        return {"token": name, "logprob": logprob, "bytes": list(name.encode())}
+
+    # An entry holds the sampled token and the top_n; the sampled one is among the top_n or below them all.
+    return {"content": [{**item(t, e[t]), "top_logprobs": [item(k, lp) for k, lp in sorted(
+        e.items(), key=lambda kv: -kv[1])[:top_n]]} for t, e in zip(tokens, entries, strict=True)]}
+
+
+@dataclass
+class _Choice:
+    """One choice of a finished non-streaming request."""
+
+    text: str
+    tokens: list[int]
+    logprobs: list[dict[int, float]]
+    last: RequestOutput
+
+
+async def _collect(http: Request, outputs: AsyncIterator[tuple[int, RequestOutput]], request_ids: list[str],
+                   engine: AsyncEngine) -> list[_Choice]:
+    """Run a non-streaming request's choices to their end, aborting them if the client goes away meanwhile."""
+
+    async def gather() -> list[_Choice]:
+        choices = [_Choice("", [], [], None) for _ in request_ids]
+        text: list[list[str]] = [[] for _ in request_ids]
+        async for index, out in outputs:
+            c = choices[index]
+            text[index].append(out.new_text)
+            c.tokens += out.new_token_ids
+            c.logprobs += out.new_logprobs
+            c.last = out
+        for c, parts in zip(choices, text, strict=True):
+            c.text = "".join(parts)
+        return choices
 
     task = asyncio.ensure_future(gather())
     while not task.done():
         await asyncio.wait({task}, timeout=0.1)
         if not task.done() and await http.is_disconnected():
             task.cancel()
-            engine.abort(request_id)
+            for request_id in request_ids:
+                engine.abort(request_id)
             raise APIError(499, "client disconnected")
     result = task.result()
-    if result[3].error:
-        raise APIError(500, f"generation failed: {result[3].error}", "server_error")
+    if failed := next((c.last.error for c in result if c.last.error), None):
+        raise APIError(500, f"generation failed: {failed}", "server_error")
     return result
 
 
-def _stream(http: Request, outputs: AsyncIterator[RequestOutput], chunk: Callable[[RequestOutput], dict],
-            request_id: str, model_name: str, kind: str, include_usage: bool) -> StreamingResponse:
-    """Server-Sent Events: one chunk per step, then usage if asked, then ``[DONE]``.
+def _stream(http: Request, outputs: AsyncIterator[tuple[int, RequestOutput]],
+            chunk: Callable[[int, RequestOutput], dict], envelope: Callable[[list[dict]], dict],
+            include_usage: bool) -> StreamingResponse:
+    """Server-Sent Events: one chunk per step and choice (choices interleaved, each chunk naming its index),
+    then usage if asked, then ``[DONE]``.
 
     When the client disconnects Starlette cancels this generator; closing
-    ``outputs`` then aborts the request and frees its slot.
+    ``outputs`` then aborts the requests and frees their slots.
     """
 
     async def events() -> AsyncIterator[str]:
-        last = None
-        async for out in outputs:
-            last = out
-            if out.error:
-                yield _sse({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
-                                      "code": 500}})
-                break
-            yield _sse(chunk(out))
-        if include_usage and last is not None:
-            yield _sse({"id": request_id, "object": kind, "created": int(time.time()), "model": model_name,
-                        "choices": [], "usage": _usage(last)})
+        lasts: dict[int, RequestOutput] = {}
+        try:
+            async for index, out in outputs:
+                lasts[index] = out
+                if out.error:
+                    yield _sse({"error": {"message": f"generation failed: {out.error}", "type": "server_error",
+                                          "code": 500}})
+                    break
+                yield _sse(chunk(index, out))
+        finally:
+            await outputs.aclose()
+        if include_usage and lasts:
+            yield _sse({**envelope([]), "usage": _usage(list(lasts.values()))})
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -384,8 +683,12 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 16,
           max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
-          max_queue: int = 1024, name: str | None = None, device: str = "auto", tp: int = 1) -> None:
+          max_queue: int = 1024, name: str | None = None, device: str = "auto", tp: int = 1,
+          api_key: str | None = None) -> None:
     """Load the model and serve it until interrupted (what ``effdl flover serve`` runs).
+
+    ``api_key`` (or, when it is None, the ``EFFDL_API_KEY`` environment
+    variable) makes every /v1/* and (de)tokenize request need it as a bearer token.
 
     With ``tp > 1`` (under ``torchrun --nproc-per-node tp``) every rank holds a
     slice of the model; rank 0 schedules and serves HTTP, the others execute.
@@ -407,7 +710,8 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots:
         engine = tp_engine(model, tokenizer, **options) if tp > 1 else Engine(model, tokenizer, **options)
         if engine is None:
             return  # a follower rank: rank 0 has stopped
-        app = create_app(AsyncEngine(engine), name or served, tokenizer)
+        app = create_app(AsyncEngine(engine), name or served, tokenizer,
+                         api_key=api_key if api_key is not None else os.environ.get("EFFDL_API_KEY"))
         print(f"serving {name or served} ({params / 1e6:,.1f}M params, tp {tp}, {policy}, {max_slots} slots, "
               f"max_len {engine.max_len}) on http://{host}:{port}/v1")
         try:
