@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
 from effdl.errors import EffdlError
@@ -21,6 +22,11 @@ def test_short_training_learns_fashion_mnist(tmp_path):
     assert result.metrics["top1"] > 30.0, result.evals  # chance is 10%; 39% here after 32 steps of 32 images
     model, cfg = load_classifier(result.checkpoint)
     assert cfg.model == "soft_tiny" and cfg.img_size == 32
+    overlay = {"file": str(result.checkpoint / "model.safetensors"), "num_classes": 10}  # the README's recipe
+    via_timm = timm.create_model("soft_tiny", num_classes=10, in_chans=1, img_size=32, pretrained=True,
+                                 pretrained_cfg_overlay=overlay)
+    for (name, a), b in zip(model.state_dict().items(), via_timm.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
     with torch.no_grad():
         assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
