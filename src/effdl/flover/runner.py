@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 
@@ -9,14 +11,18 @@ from effdl.core.generate import right_pad
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.flover.kvpool import KVPool
+from effdl.flover.packed_linear import PackedLinears, packed_linear_supported
 from effdl.flover.scheduler import PrefillChunk, StepPlan
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int, max_len: int):
+    def __init__(self, model: Transformer, n_slots: int, max_len: int, packed_linears: bool = True):
+        """``packed_linears``: on CPU in fp32, run the linears through oneDNN's prepacked GEMM (``packed_linear``)."""
         param = next(model.parameters())
         self.model, self.max_len = model.eval(), max_len
         self.device = param.device
+        use_packed = packed_linears and packed_linear_supported(param.device, param.dtype)
+        self.linears = PackedLinears(model) if use_packed else None
         cfg = model.config
         pool_bytes = 2 * cfg.n_layers * n_slots * cfg.n_kv_heads * max_len * cfg.head_dim * param.element_size()
         try:
@@ -34,6 +40,10 @@ class ModelRunner:
         """
         for src, dst, length in plan.moves:
             self.pool.move(src, dst, length)
+        with self.linears.installed() if self.linears is not None else nullcontext():
+            return self._run(plan)
+
+    def _run(self, plan: StepPlan) -> tuple[list[str], Tensor]:
         ids, logits = [], []
         for group in _contiguous_groups(plan.prefill, self.max_len):
             out = self._forward(group[0].slot, group[-1].slot + 1, [c.tokens for c in group],
