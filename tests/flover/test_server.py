@@ -126,7 +126,7 @@ def test_concurrent_requests_get_their_own_answers(model, served):
 
 def _live_slots(url: str) -> int:
     text = httpx.get(f"{url}/metrics").text
-    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("flover_live_slots ")))
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("vllm:num_requests_running{")))
 
 
 def test_client_disconnect_frees_its_slot(model, served):
@@ -259,7 +259,8 @@ def test_a_runner_failure_answers_503_and_the_server_stops_cleanly(model, monkey
                     lines = aiter(r.aiter_lines())
                     chunks = [await anext(lines)]  # streaming: it holds the only slot
                     queued = asyncio.ensure_future(client.post(f"{url}/v1/completions", json=body))
-                    while "flover_queue_length 1" not in (await client.get(f"{url}/metrics")).text:
+                    waiting = 'vllm:num_requests_waiting{model_name="tiny"} 1'
+                    while waiting not in (await client.get(f"{url}/metrics")).text:
                         await asyncio.sleep(0.005)
                     fail.set()
                     chunks += [line async for line in lines]

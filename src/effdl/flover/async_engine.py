@@ -18,6 +18,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ from effdl.flover.engine import Engine, RunnerFailure
 from effdl.flover.request import Request, RequestOutput, SamplingParams
 
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS_S = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0)
 
 
 class EngineStopped(EffdlError):
@@ -37,19 +39,24 @@ class Histogram:
     """A cumulative Prometheus histogram over fixed bucket bounds."""
 
     bounds: tuple[float, ...] = LATENCY_BUCKETS_S
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    counts: list[int] = field(init=False)  # per bucket, the last one above every bound
     total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
 
     def observe(self, value: float) -> None:
         self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
         self.total += value
 
-    def prometheus(self, name: str, help_text: str) -> list[str]:
+    def prometheus(self, name: str, help_text: str, labels: str = "") -> list[str]:
+        """The histogram in Prometheus text format; ``labels`` (``'model_name="m"'``) go on every sample."""
         lines, running = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"], 0
         for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
             running += count
-            lines.append(f'{name}_bucket{{le="{bound}"}} {running}')
-        return [*lines, f"{name}_sum {self.total}", f"{name}_count {running}"]
+            lines.append(f'{name}_bucket{{{labels}{"," if labels else ""}le="{bound}"}} {running}')
+        braces = f"{{{labels}}}" if labels else ""
+        return [*lines, f"{name}_sum{braces} {self.total}", f"{name}_count{braces} {running}"]
 
 
 @dataclass
@@ -72,8 +79,9 @@ class AsyncEngine:
         self._accepting = True
         self._door = threading.Lock()  # held while a request is let in, and while the door closes
         self.failure: str | None = None  # why the loop stopped, after a RunnerFailure
-        self.ttft, self.latency = Histogram(), Histogram()
-        self.tokens_total = 0
+        self.ttft, self.latency, self.tpot = Histogram(), Histogram(), Histogram(TPOT_BUCKETS_S)
+        self.tokens_total = self.prompt_tokens_total = 0
+        self.finished: Counter[str] = Counter()  # finish reason -> requests that ended with it
         self._gauges = engine.gauges()
         self._recent: list[tuple[float, int]] = []  # (time, tokens) of the last steps, for tokens/s
 
@@ -139,6 +147,7 @@ class AsyncEngine:
         """Abort from any thread; the loop frees the slot before its next step."""
         stream = self._streams.pop(request_id, None)
         if stream is not None:
+            self.finished["abort"] += 1
             self._inbox.put(("abort", request_id))
             self._wake.set()
             stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, RequestOutput(
@@ -215,6 +224,10 @@ class AsyncEngine:
                 self.ttft.observe(now - stream.submitted)
             if out.finished:
                 self.latency.observe(now - stream.submitted)
+                if stream.first_token is not None and out.num_output_tokens > 1:
+                    self.tpot.observe((now - stream.first_token) / (out.num_output_tokens - 1))
+                self.prompt_tokens_total += out.num_prompt_tokens
+                self.finished[out.finish_reason or "error"] += 1
                 self._streams.pop(out.id, None)
             stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
 

@@ -136,10 +136,17 @@ class Engine:
         """
         self.scheduler.check_room(pending)
 
-    def gauges(self) -> dict[str, int]:
-        """Requests waiting for a slot, requests holding one, and free slots."""
-        return {"queue_length": self.scheduler.num_waiting, "live_slots": self.scheduler.num_running,
-                "free_slots": self.scheduler.slots.n_free}
+    def gauges(self) -> dict[str, float]:
+        """Requests waiting for a slot, requests holding one, free slots, and the KV pool's use.
+
+        ``kv_cache_usage``: the share of the pool's token positions that live requests fill (their prompt and
+        output so far), as vLLM's ``kv_cache_usage_perc`` counts the blocks its requests hold (1 = full).
+        """
+        running = [r for r in self.scheduler.running.values() if not r.finished]
+        used = sum(len(r.prompt) + len(r.output) for r in running)
+        return {"queue_length": self.scheduler.num_waiting, "live_slots": len(running),
+                "free_slots": self.scheduler.slots.n_free,
+                "kv_cache_usage": used / (self.scheduler.slots.n_slots * self.max_len)}
 
     # -- one iteration ------------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class SlotTable:
 
     def __init__(self, n_slots: int):
         self.owner: list[str | None] = [None] * n_slots
+        self.n_slots = n_slots
 
     @property
     def live(self) -> list[bool]:

@@ -135,6 +135,37 @@ class _Sampling(_Body):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+def prometheus_text(engine: AsyncEngine, model_name: str) -> str:
+    """``/metrics``: vLLM's names (``vllm:...``, labelled ``model_name``) where they mean the same, so vLLM's
+    dashboards read this server; ``flover_*`` for what vLLM has no name for. Prefix-cache counters are absent
+    because this server has no prefix cache."""
+    m, label = engine.metrics(), f'model_name="{model_name}"'
+    lines: list[str] = []
+
+    def sample(name: str, kind: str, help_text: str, value: float, labels: str = label) -> None:
+        braces = f"{{{labels}}}" if labels else ""
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{braces} {value}"])
+
+    sample("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", m["live_slots"])
+    sample("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", m["queue_length"])
+    sample("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", m["kv_cache_usage"])
+    sample("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", engine.prompt_tokens_total)
+    sample("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", m["tokens_total"])
+    lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
+              "# TYPE vllm:request_success_total counter"]
+    lines += [f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {count}'
+              for reason, count in sorted(engine.finished.items())]
+    lines += engine.ttft.prometheus("vllm:time_to_first_token_seconds", "Histogram of time to first token in "
+                                    "seconds.", label)
+    lines += engine.tpot.prometheus("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_"
+                                    "token_seconds per request.", label)
+    lines += engine.latency.prometheus("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in "
+                                       "seconds.", label)
+    sample("flover_free_slots", "gauge", "free KV slots", m["free_slots"], "")
+    sample("flover_tokens_per_s", "gauge", "output tokens per second over the last 10 s", m["tokens_per_s"], "")
+    return "\n".join(lines) + "\n"
+
+
 def _default(value: float | None, default: float) -> float:
     return default if value is None else value
 
@@ -288,17 +319,7 @@ def create_app(engine: AsyncEngine, model_name: str, tokenizer: Tokenizer | None
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        m = engine.metrics()
-        lines = []
-        for key, kind, help_text in (("queue_length", "gauge", "requests waiting for a slot"),
-                                     ("live_slots", "gauge", "requests holding a KV slot"),
-                                     ("free_slots", "gauge", "free KV slots"),
-                                     ("tokens_total", "counter", "output tokens generated"),
-                                     ("tokens_per_s", "gauge", "output tokens per second, last 10 s")):
-            lines += [f"# HELP flover_{key} {help_text}", f"# TYPE flover_{key} {kind}", f"flover_{key} {m[key]}"]
-        lines += engine.ttft.prometheus("flover_time_to_first_token_seconds", "time to first token")
-        lines += engine.latency.prometheus("flover_request_latency_seconds", "end-to-end request latency")
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus_text(engine, model_name), media_type="text/plain; version=0.0.4")
 
     def check_model_name(name: str | None) -> None:
         if name is not None and name != model_name:
