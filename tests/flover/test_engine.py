@@ -264,14 +264,15 @@ def test_step_outcome_says_whether_work_ran(hf_pair):
     waiting = engine.step()  # a static batch of one waits out its window for a second request
     arrival = next(iter(engine.requests.values())).arrival
     assert not waiting.ran and not waiting.outputs and waiting.due == pytest.approx(arrival + 60.0)
-    assert engine.has_unfinished() and engine.gauges() == {"queue_length": 1, "live_slots": 0, "free_slots": 2}
+    assert engine.has_unfinished() and engine.gauges() == {"queue_length": 1, "live_slots": 0, "free_slots": 2,
+                                                                "kv_cache_usage": 0.0}
     engine.add_request([4, 5], SamplingParams(max_tokens=2))  # the batch is full: it runs now
     first = engine.step()
     assert first.ran and first.due is None and len(first.outputs) == 2
-    assert engine.gauges() == {"queue_length": 0, "live_slots": 2, "free_slots": 0}
+    assert engine.gauges() == {"queue_length": 0, "live_slots": 2, "free_slots": 0, "kv_cache_usage": 7 / 128}
     while engine.has_unfinished():
         assert engine.step().ran
-    assert engine.gauges() == {"queue_length": 0, "live_slots": 0, "free_slots": 2}
+    assert engine.gauges() == {"queue_length": 0, "live_slots": 0, "free_slots": 2, "kv_cache_usage": 0.0}
 
 
 def test_one_queue_bound_for_the_sync_and_async_paths(hf_pair):
@@ -341,7 +342,8 @@ def test_a_runner_failure_stops_the_async_engine(hf_pair, monkeypatch):
     assert all(o.new_token_ids for o in outputs[:-1]) and len(calls) == 6
     last = outputs[-1]
     assert last.finished and last.finish_reason == "error" and "rank 1 failed a step" in last.error
-    assert not engine.requests and engine.gauges() == {"queue_length": 0, "live_slots": 0, "free_slots": 1}
+    assert not engine.requests and engine.gauges() == {"queue_length": 0, "live_slots": 0, "free_slots": 1,
+                                                     "kv_cache_usage": 0.0}
 
 
 # -- the sampling and stop-string functions, against independent references ------------------------------

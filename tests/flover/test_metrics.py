@@ -41,6 +41,7 @@ def test_every_metric_parses_and_counts_what_was_served():
     expected = {
         "vllm:num_requests_running": "gauge", "vllm:num_requests_waiting": "gauge",
         "vllm:kv_cache_usage_perc": "gauge", "vllm:prompt_tokens": "counter", "vllm:generation_tokens": "counter",
+        "vllm:prefix_cache_queries": "counter", "vllm:prefix_cache_hits": "counter",
         "vllm:request_success": "counter", "vllm:time_to_first_token_seconds": "histogram",
         "vllm:request_time_per_output_token_seconds": "histogram", "vllm:e2e_request_latency_seconds": "histogram",
         "flover_free_slots": "gauge", "flover_tokens_per_s": "gauge"}
@@ -54,6 +55,8 @@ def test_every_metric_parses_and_counts_what_was_served():
     assert _value(families["vllm:prompt_tokens"], "_total") == sum(len(TOK.encode(p)) for p in prompts)
     assert _value(families["vllm:generation_tokens"], "_total") == 5 + 6 + 7
     assert _value(families["vllm:request_success"], "_total", finished_reason="length") == 3
+    assert _value(families["vllm:prefix_cache_queries"], "_total") == sum(len(TOK.encode(p)) for p in prompts)
+    assert _value(families["vllm:prefix_cache_hits"], "_total") == 0  # prompts shorter than a block
     for name in ("vllm:time_to_first_token_seconds", "vllm:request_time_per_output_token_seconds",
                  "vllm:e2e_request_latency_seconds"):
         family = families[name]
@@ -71,3 +74,18 @@ def test_kv_cache_usage_counts_the_tokens_live_requests_hold():
     engine.add_request([1] * 10, None)
     engine.step()  # prefill and the first token: 11 of 2 x 64 positions
     assert engine.gauges()["kv_cache_usage"] == 11 / 128
+
+
+def test_prefix_cache_counters_count_the_tokens_served_from_the_cache():
+    torch.manual_seed(0)
+    engine = AsyncEngine(Engine(Transformer(ModelConfig.preset("tiny")).eval(), TOK, max_slots=2, max_len=128))
+    shared = "You are a helpful assistant. Answer briefly.\nQ: "  # 48 bytes: three 16-token blocks
+    prompts = [shared + "2+2?", shared + "capital of France?"]
+    with serve_in_thread(create_app(engine, "tiny", TOK)) as url:
+        for prompt in prompts:  # one after another: the second finds the first's blocks
+            r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2,
+                                                          "temperature": 0}, timeout=60)
+            assert r.status_code == 200, r.text
+        families = _families(url)
+    assert _value(families["vllm:prefix_cache_queries"], "_total") == sum(len(TOK.encode(p)) for p in prompts)
+    assert _value(families["vllm:prefix_cache_hits"], "_total") == 48

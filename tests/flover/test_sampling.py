@@ -6,11 +6,13 @@ import random
 import pytest
 import torch
 
+from effdl.core.tokenizer import ByteTokenizer
 from effdl.errors import EffdlError
-from effdl.flover.request import SamplingParams
+from effdl.flover.request import Decoded, SamplingParams
 from effdl.flover.sampling import (
     apply_logit_bias,
     apply_penalties,
+    decode_incrementally,
     find_stop,
     held_back,
     mask_tokens,
@@ -144,3 +146,66 @@ def test_held_back_holds_a_partial_character_and_a_stop_prefix_before_it():
     assert held_back("ab\ufffd", []) == 1
     assert held_back("xab\ufffd", ["ab\u00e9"]) == 3  # "ab" + a split character may still become "abé"
     assert find_stop("one two three", ["three", "two"]) == 4 and find_stop("abc", ["d"]) == -1
+
+
+def _trained_bpe(tmp_path, kind: str):
+    """A small BPE tokenizer trained here: byte-level (GPT-2 style) or Metaspace (SentencePiece style, whose
+    decoder drops the leading space of a window: the case that needs the context tokens)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from effdl.core.tokenizer import load_tokenizer
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if kind == "metaspace" else None))
+    if kind == "bytelevel":
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        alphabet = []
+    corpus = ["def parse(text):\n    return text.split()", "héllo wörld — 日本語 🙂 naïve café",
+              "the cat sat on the mat"]
+    tok.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet,
+                                                             special_tokens=["<unk>"], show_progress=False))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return load_tokenizer(tmp_path, vocab_size=tok.get_vocab_size())
+
+
+@pytest.mark.parametrize("kind", ["byte", "bytelevel", "metaspace"])
+def test_incremental_decoding_equals_decoding_the_whole(tmp_path, kind):
+    """Token by token, with a partial character pending at times, the text equals one decode of everything."""
+    tokenizer = ByteTokenizer() if kind == "byte" else _trained_bpe(tmp_path, kind)
+    rng = random.Random(0)
+    texts = ["def parse(text):\n    return text.split()  # café", "héllo wörld — 日本語 🙂", "the  cat\tsat on the mat"]
+    for text in texts:
+        tokens = tokenizer.encode(text)
+        state, pieces = Decoded(), []
+        for n in range(1, len(tokens) + 1):
+            before = state.text
+            state = decode_incrementally(tokenizer, tokens[:n], state, final=n == len(tokens))
+            assert state.text.startswith(before) and "\ufffd" not in state.text  # it only ever appends whole text
+            pieces.append(state.text[len(before):])
+        assert state.text == tokenizer.decode(tokens) == "".join(pieces)
+        # Several tokens at once (an engine step after a slow one) decode the same.
+        cuts = [*sorted(rng.sample(range(1, len(tokens)), 3)), len(tokens)]
+        state = Decoded()
+        for n in cuts:
+            state = decode_incrementally(tokenizer, tokens[:n], state, final=n == len(tokens))
+        assert state.text == tokenizer.decode(tokens)
+
+
+def test_incremental_decoding_decodes_only_a_window():
+    """The cost per step is the window's, not the output's: each call decodes at most the unread tokens plus the
+    previous window's (measured by counting the tokens handed to the tokenizer)."""
+    handed = []
+
+    class Counting(ByteTokenizer):
+        def decode(self, ids):
+            handed.append(len(ids))
+            return super().decode(ids)
+
+    tokens = list(b"a long output, one token at a time. " * 30)
+    state = Decoded()
+    for n in range(1, len(tokens) + 1):
+        state = decode_incrementally(Counting(), tokens[:n], state)
+    assert state.text == bytes(tokens).decode()
+    assert max(handed) <= 2  # ASCII: one new token and one of context, never the whole output

@@ -18,7 +18,8 @@ from effdl.flover.tp import shard_model, tp_engine
 # The tiny preset has 4 query heads and 2 kv heads (GQA), both divisible by 2 ranks; 2 layers keep it quick.
 TINY = ModelConfig.preset("tiny", n_layers=2)
 PROMPTS = [list(range(5, 5 + n)) for n in (3, 11, 1, 7, 16)]  # mixed lengths; more prompts than slots
-ENGINE_OPTIONS = dict(max_slots=3, max_len=64, prefill_chunk=8)  # chunked prefills, slot reuse and shuffles
+# Chunked prefills, slot reuse and shuffles; 4-token blocks, so that later prompts hit the earlier ones' blocks.
+ENGINE_OPTIONS = dict(max_slots=3, max_len=64, prefill_chunk=8, prefix_block_size=4)
 # Greedy; eos and these stop ids end requests at different steps, so slots free in the middle of the window.
 PARAMS = SamplingParams(max_tokens=12, stop_token_ids=(76, 31))
 
@@ -81,6 +82,7 @@ def test_tp_engine_decodes_like_one_process(two_ranks):
     expected = reference.generate(PROMPTS, PARAMS)
     # The workload covers slot moves and filler rows in the decode window, not only the easy path.
     assert reference.stats["moves"] > 0 and reference.stats["window_rows"] > reference.stats["decode_rows"]
+    assert reference.stats["prefix_cache_hits"] > 0  # every rank loads and saves blocks in its own store
     assert [generated for _, generated in two_ranks] == [expected, None]
 
 

@@ -238,6 +238,8 @@ class AsyncEngine:
         now = time.monotonic()
         recent = [(t, n) for t, n in self._recent if now - t < 10.0]
         span = now - recent[0][0] if len(recent) > 1 else 0.0
+        stats = self.engine.stats  # ints the loop thread replaces: each read is atomic
         return {**self._gauges, "queue_length": self._gauges["queue_length"] + self._inbox.qsize(),
-                "tokens_total": self.tokens_total,
+                "tokens_total": self.tokens_total, "prefix_cache_queries": stats["prefix_cache_queries"],
+                "prefix_cache_hits": stats["prefix_cache_hits"],
                 "tokens_per_s": sum(n for _, n in recent) / span if span > 0 else 0.0}

@@ -17,7 +17,8 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
           policy=args.policy, shuffle=not args.no_shuffle, prefill_chunk=args.prefill_chunk,
-          max_queue=args.max_queue, name=args.name, device=args.device, tp=args.tp, api_key=args.api_key)
+          max_queue=args.max_queue, name=args.name, device=args.device, tp=args.tp, api_key=args.api_key,
+          prefix_caching=not args.no_prefix_caching)
 
 
 def add_commands(verbs: argparse._SubParsersAction) -> None:
@@ -39,6 +40,8 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
                     help=f"prompt + output tokens per slot (default: the model's, at most {DEFAULT_MAX_LEN})")
     sv.add_argument("--policy", choices=POLICIES, default=d["policy"], help=shown)
     sv.add_argument("--no-shuffle", action="store_true", help="turn the KV memory shuffle off")
+    sv.add_argument("--no-prefix-caching", action="store_true",
+                    help="turn automatic prefix caching off (reusing the K/V of prompt prefixes already seen)")
     sv.add_argument("--prefill-chunk", type=int, default=d["prefill_chunk"],
                     help=f"most prompt tokens prefilled per step (smaller: steadier decode, slower prefill) {shown}")
     sv.add_argument("--max-queue", type=int, default=d["max_queue"], help=f"waiting requests before 503 {shown}")

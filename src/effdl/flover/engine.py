@@ -23,9 +23,18 @@ from effdl.core.config import ModelConfig
 from effdl.core.tokenizer import Tokenizer
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
+from effdl.flover.prefix_cache import BLOCK_SIZE, PrefixIndex
 from effdl.flover.request import Request, RequestOutput, SamplingParams
 from effdl.flover.runner import ModelRunner
-from effdl.flover.sampling import find_stop, held_back, logprob_entry, process_logits, sample_token, stop_reason
+from effdl.flover.sampling import (
+    decode_incrementally,
+    find_stop,
+    held_back,
+    logprob_entry,
+    process_logits,
+    sample_token,
+    stop_reason,
+)
 from effdl.flover.scheduler import Scheduler, StepPlan
 
 DEFAULT_MAX_LEN = 4096
@@ -38,6 +47,20 @@ def default_max_len(config: ModelConfig) -> int:
     pool of every slot at full length.
     """
     return min(config.max_seq_len, DEFAULT_MAX_LEN)
+
+
+def prefix_cache_rows(max_slots: int, max_len: int, prefix_caching: bool = True, prefix_block_size: int = BLOCK_SIZE,
+                      prefix_cache_blocks: int | None = None) -> int:
+    """Blocks in the prefix cache: ``prefix_cache_blocks``, else half the KV pool's tokens; 0 when caching is off.
+
+    Half the pool: the cache then costs half the pool's memory again, and
+    holds, say, a shared prompt of up to max_slots * max_len / 2 tokens. Cost: O(1).
+    """
+    if not prefix_caching:
+        return 0
+    if prefix_cache_blocks is None:
+        return max(1, max_slots * max_len // (2 * prefix_block_size))
+    return prefix_cache_blocks
 
 
 class RunnerFailure(RuntimeError):
@@ -56,16 +79,32 @@ class StepOutcome:
 class Engine:
     def __init__(self, model: Transformer, tokenizer: Tokenizer | None = None, max_slots: int = 8,
                  max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
-                 batch_window_s: float = 0.0, max_queue: int = 1024, runner: ModelRunner | None = None):
+                 batch_window_s: float = 0.0, max_queue: int = 1024, runner: ModelRunner | None = None,
+                 prefix_caching: bool = True, prefix_block_size: int = BLOCK_SIZE,
+                 prefix_cache_blocks: int | None = None):
+        """``prefix_caching``: reuse the K/V of prompt prefixes seen before, in blocks of ``prefix_block_size``
+        tokens, keeping ``prefix_cache_blocks`` of them (default: see ``prefix_cache_rows``). A ``runner`` given
+        must hold a block store of that size (``tp_engine`` builds its runners so)."""
         self.config, self.tokenizer = model.config, tokenizer
         self.max_len = max_len or default_max_len(model.config)
         if self.max_len > model.config.max_seq_len:
             raise EffdlError(f"max_len {self.max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
-        self.scheduler = Scheduler(max_slots, policy, shuffle, prefill_chunk, batch_window_s, max_queue)
-        self.runner = runner or ModelRunner(model, max_slots, self.max_len)
+        rows = prefix_cache_rows(max_slots, self.max_len, prefix_caching, prefix_block_size, prefix_cache_blocks)
+        prefix = PrefixIndex(rows, prefix_block_size) if prefix_caching else None
+        self.scheduler = Scheduler(max_slots, policy, shuffle, prefill_chunk, batch_window_s, max_queue, prefix)
+        self.runner = runner or ModelRunner(model, max_slots, self.max_len, prefix_rows=rows,
+                                            block_size=prefix_block_size)
+        store = self.runner.store
+        held = (store.rows, store.block_size) if store is not None else (0, prefix_block_size)
+        if held != (rows, prefix_block_size):
+            raise EffdlError(f"the runner's prefix-cache store does not match the engine's {rows} blocks of "
+                             f"{prefix_block_size} tokens")
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_rows": 0, "window_rows": 0, "moves": 0}
+        # prefix_cache_*: tokens, as vLLM's counters count them: the prompt tokens of every admitted request
+        # (none with caching off), and those of them served from the prefix cache.
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_rows": 0, "window_rows": 0, "moves": 0,
+                      "prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     # -- requests in and out ------------------------------------------------------------------------------
 
@@ -164,6 +203,7 @@ class Engine:
         except RunnerFailure:
             raise  # every later step would fail the same way
         except Exception as error:  # a bad batch must not take the engine down
+            self.scheduler.forget(plan)
             return [self._fail(self.requests[rid], f"forward failed: {error!r}") for rid in
                     dict.fromkeys(plan.request_ids) if rid in self.requests]
         outputs = []
@@ -181,6 +221,8 @@ class Engine:
         self.stats["steps"] += 1
         self.stats["moves"] += len(plan.moves)
         self.stats["prefill_tokens"] += sum(len(c.tokens) for c in plan.prefill)
+        self.stats["prefix_cache_queries"] = self.scheduler.prefix_queries  # counted where requests are admitted
+        self.stats["prefix_cache_hits"] = self.scheduler.prefix_hits
         if plan.decode is not None:
             self.stats["decode_rows"] += len(plan.decode.rows)
             self.stats["window_rows"] += plan.decode.hi - plan.decode.lo
@@ -211,13 +253,18 @@ class Engine:
         A stop token is not shown; text from a stop string on is cut; a tail
         that may still grow into a stop string (or a character) is held back.
         """
+        if self.tokenizer is None:
+            return "", reason
         p, shown = request.params, request.output[:-1] if reason == "stop" else request.output
-        text = self.tokenizer.decode(shown) if self.tokenizer is not None else ""
-        if (hit := find_stop(text, p.stop)) >= 0:
-            text, reason = text[:hit], "stop"
-        if reason is None:
-            text = text[:len(text) - held_back(text, p.stop)]
-        new_text, request.text = text[len(request.text):], text
+        searched = max(0, len(request.decoded.text) - max(map(len, p.stop), default=0) + 1)
+        request.decoded = decode_incrementally(self.tokenizer, shown, request.decoded, final=reason is not None)
+        text = request.decoded.text
+        if (hit := find_stop(text[searched:], p.stop)) >= 0:  # a new stop ends in the new text
+            end, reason = searched + hit, "stop"
+        else:
+            end = len(text) if reason is not None else len(text) - held_back(text, p.stop)
+        new_text = text[len(request.text):end]
+        request.text += new_text
         return new_text, reason
 
     def _fail(self, request: Request, message: str) -> RequestOutput:

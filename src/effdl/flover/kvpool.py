@@ -5,7 +5,8 @@ a live request owns one slot. The decode forward attends over one contiguous
 range of slots, so holes left by finished requests cost as much as live rows.
 ``plan_shuffle`` decides the fewest moves that make the live slots contiguous;
 ``SlotTable`` is the scheduler's bookkeeping of who owns which slot, and
-``KVPool`` holds the tensors and carries the moves out.
+``KVPool`` holds the tensors and carries the moves out. ``BlockStore`` holds
+the prefix cache's blocks and copies them to and from slots.
 """
 
 from __future__ import annotations
@@ -99,3 +100,38 @@ class KVPool:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (all layers)."""
         for t in (self.cache.k, self.cache.v):
             t[:, dst, :, :length] = t[:, src, :, :length]
+
+
+class BlockStore:
+    """The prefix cache's K/V: ``k, v: (L, rows, K, block_size, Dh)``, one row per cached prompt block.
+
+    The runner's half of prefix caching: ``PrefixIndex`` (the scheduler's)
+    says which row holds which block; this only copies whole blocks between
+    rows and a slot's positions, same dtype and device as the pool.
+    """
+
+    def __init__(self, cfg: ModelConfig, rows: int, block_size: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        shape = (cfg.n_layers, rows, cfg.n_kv_heads, block_size, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows, self.block_size = rows, block_size
+
+    def load(self, pool: KVPool, slot: int, first: int, rows: list[int]) -> None:
+        """Slot ``slot``'s blocks first, first + 1, ... <- store ``rows`` (all layers). Cost: one copy of them."""
+        lo, hi = first * self.block_size, (first + len(rows)) * self.block_size
+        index = torch.tensor(rows, device=self.k.device)
+        for store, cache in ((self.k, pool.cache.k), (self.v, pool.cache.v)):
+            blocks = store.index_select(1, index)  # (L, n, K, B, Dh)
+            L, n, K, B, Dh = blocks.shape
+            cache[:, slot, :, lo:hi] = blocks.permute(0, 2, 1, 3, 4).reshape(L, K, n * B, Dh)
+
+    def save(self, pool: KVPool, slot: int, first: int, rows: list[int]) -> None:
+        """Store ``rows`` <- slot ``slot``'s blocks first, first + 1, ... (all layers). Cost: one copy of them."""
+        lo, hi = first * self.block_size, (first + len(rows)) * self.block_size
+        index = torch.tensor(rows, device=self.k.device)
+        for store, cache in ((self.k, pool.cache.k), (self.v, pool.cache.v)):
+            positions = cache[:, slot, :, lo:hi]  # (L, K, n*B, Dh)
+            L, K, _, Dh = positions.shape
+            blocks = positions.reshape(L, K, len(rows), self.block_size, Dh).permute(0, 2, 1, 3, 4)
+            store.index_copy_(1, index, blocks)  # (L, n, K, B, Dh) into rows

@@ -61,6 +61,16 @@ class SamplingParams:
                     or self.min_tokens or self.logit_bias)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A request's output text so far, and where ``decode_incrementally`` resumes: the tokens from ``prefix`` to
+    ``read`` are context already in ``text``; those from ``read`` on are not decoded yet."""
+
+    text: str = ""
+    prefix: int = 0
+    read: int = 0
+
+
 class Status(enum.Enum):
     WAITING = "waiting"  # queued, no slot yet
     RUNNING = "running"  # owns a slot: prefilling, then decoding
@@ -79,7 +89,8 @@ class Request:
     slot: int | None = None
     num_computed: int = 0
     output: list[int] = field(default_factory=list)
-    text: str = ""
+    decoded: Decoded = field(default_factory=Decoded)  # the output's text so far (sampling.decode_incrementally)
+    text: str = ""  # the part of it shown to the client: no stop string, nothing that may still become one
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     generator: torch.Generator | None = None

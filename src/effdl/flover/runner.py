@@ -10,38 +10,55 @@ from torch import Tensor
 from effdl.core.generate import right_pad
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
-from effdl.flover.kvpool import KVPool
+from effdl.flover.kvpool import BlockStore, KVPool
 from effdl.flover.packed_linear import PackedLinears, packed_linear_supported
+from effdl.flover.prefix_cache import BLOCK_SIZE
 from effdl.flover.scheduler import PrefillChunk, StepPlan
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, n_slots: int, max_len: int, packed_linears: bool = True):
-        """``packed_linears``: on CPU in fp32, run the linears through oneDNN's prepacked GEMM (``packed_linear``)."""
+    def __init__(self, model: Transformer, n_slots: int, max_len: int, packed_linears: bool = True,
+                 prefix_rows: int = 0, block_size: int = BLOCK_SIZE):
+        """``packed_linears``: on CPU in fp32, run the linears through oneDNN's prepacked GEMM (``packed_linear``).
+
+        ``prefix_rows``: blocks of ``block_size`` tokens in the prefix cache's ``BlockStore`` (0: no prefix cache).
+        """
         param = next(model.parameters())
         self.model, self.max_len = model.eval(), max_len
         self.device = param.device
         use_packed = packed_linears and packed_linear_supported(param.device, param.dtype)
         self.linears = PackedLinears(model) if use_packed else None
         cfg = model.config
-        pool_bytes = 2 * cfg.n_layers * n_slots * cfg.n_kv_heads * max_len * cfg.head_dim * param.element_size()
+        token_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * param.element_size()
         try:
             self.pool = KVPool(cfg, n_slots, max_len, param.device, param.dtype)
         except (RuntimeError, MemoryError) as error:  # torch.OutOfMemoryError is a RuntimeError
-            raise EffdlError(f"the KV pool ({n_slots} slots x {max_len} tokens) needs {pool_bytes / 2**30:.1f} GiB "
-                             f"on {param.device} and could not be allocated; lower max_slots or max_len") from error
+            raise EffdlError(f"the KV pool ({n_slots} slots x {max_len} tokens) needs "
+                             f"{n_slots * max_len * token_bytes / 2**30:.1f} GiB on {param.device} and could not be "
+                             "allocated; lower max_slots or max_len") from error
+        try:
+            self.store = BlockStore(cfg, prefix_rows, block_size, param.device, param.dtype) if prefix_rows else None
+        except (RuntimeError, MemoryError) as error:
+            raise EffdlError(f"the prefix cache ({prefix_rows} blocks x {block_size} tokens) needs "
+                             f"{prefix_rows * block_size * token_bytes / 2**30:.1f} GiB on {param.device} and could "
+                             "not be allocated; lower prefix_cache_blocks or turn prefix caching off") from error
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[list[str], Tensor]:
-        """Apply the moves, run the prefill chunks, then the decode batch.
+        """Load cached blocks, apply the moves, run the prefill chunks and the decode batch, save blocks.
 
         Returns the ids of the requests that sample this step and their
         next-token logits (N, V), in that order.
         """
+        for c in plan.loads:
+            self.store.load(self.pool, c.slot, c.first, c.rows)
         for src, dst, length in plan.moves:
             self.pool.move(src, dst, length)
         with self.linears.installed() if self.linears is not None else nullcontext():
-            return self._run(plan)
+            result = self._run(plan)
+        for c in plan.saves:  # in plan order: a later save may reuse a row an earlier one filled
+            self.store.save(self.pool, c.slot, c.first, c.rows)
+        return result
 
     def _run(self, plan: StepPlan) -> tuple[list[str], Tensor]:
         ids, logits = [], []

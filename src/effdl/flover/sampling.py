@@ -4,8 +4,9 @@
 ``min_tokens``, then the repetition, frequency and presence penalties, in
 vLLM's order), sampling picks the next token, ``logprob_entry`` reports its
 log-probability and the top alternatives, ``stop_reason`` applies the token
-rules (stop ids, EOS, ``max_tokens``), and ``find_stop`` / ``held_back``
-apply the stop strings to the detokenised text. ``V`` is the vocabulary size.
+rules (stop ids, EOS, ``max_tokens``), ``decode_incrementally`` turns the
+new tokens into text, and ``find_stop`` / ``held_back`` apply the stop
+strings to it. ``V`` is the vocabulary size.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from effdl.core.generate import sample_next
-from effdl.flover.request import SamplingParams
+from effdl.core.tokenizer import Tokenizer
+from effdl.flover.request import Decoded, SamplingParams
 
 
 def stop_token_ids(params: SamplingParams, eos_id: int | None) -> set[int]:
@@ -116,6 +118,24 @@ def stop_reason(token: int, num_output: int, params: SamplingParams, eos_id: int
     if token in stop_token_ids(params, eos_id):
         return "stop"
     return "length" if num_output >= params.max_tokens else None
+
+
+def decode_incrementally(tokenizer: Tokenizer, tokens: Sequence[int], state: Decoded, final: bool = False
+                         ) -> Decoded:
+    """``state`` with the text of ``tokens[state.read:]`` appended.
+
+    Only the tokens since ``state.prefix`` are decoded, the few before ``read`` as context so that a merge or a
+    leading space at the window's edge decodes as it does in the whole, as vLLM does: O(window) per step, where
+    decoding the whole output again would be O(output) per step and O(output^2) per request. A window that
+    decodes to an unfinished character (trailing U+FFFD) waits for the next token, unless ``final``.
+    """
+    if len(tokens) <= state.read:
+        return state
+    context = tokenizer.decode(list(tokens[state.prefix:state.read]))
+    window = tokenizer.decode(list(tokens[state.prefix:]))
+    if not final and (len(window) <= len(context) or window.endswith("\ufffd")):
+        return state
+    return Decoded(state.text + window[len(context):], state.read, len(tokens))
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int:

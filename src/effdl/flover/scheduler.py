@@ -13,6 +13,12 @@ batch (a contiguous slot window, one token per slot). Three policies:
   most ``batch_window_s`` for the batch to fill; run it until its longest
   request finishes; arrivals wait for the whole batch.
 - ``sequential``: ``static`` with batches of one, as one-by-one serving is.
+
+With a ``PrefixIndex`` (automatic prefix caching), an admitted request whose
+prompt starts with cached blocks has them loaded into its slot and prefills
+from there; once its prefill completes, its full prompt blocks not yet cached
+are saved. The plan carries both kinds of copy; the runner orders them with
+the moves (see ``StepPlan``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 
 from effdl.errors import EffdlError
 from effdl.flover.kvpool import SlotTable, plan_shuffle
+from effdl.flover.prefix_cache import PrefixIndex
 from effdl.flover.request import Request, Status
 
 POLICIES = ("fused", "static", "sequential")
@@ -52,14 +59,32 @@ class DecodeBatch:
 
 
 @dataclass
+class BlockCopy:
+    """Whole blocks between a slot and the block store: the slot's blocks first, first + 1, ... <-> store ``rows``."""
+
+    slot: int
+    first: int  # the slot's block number for rows[0]: its positions start at first * block_size
+    rows: list[int]
+
+
+@dataclass
 class StepPlan:
+    """One step, executed in this order: loads, moves, prefill chunks, the decode batch, saves.
+
+    Loads come first because they fill the slot a request was admitted into,
+    which the moves may then carry elsewhere (with its loaded positions);
+    saves come last, from the slots the moves left, once the prefill wrote them.
+    """
+
+    loads: list[BlockCopy] = field(default_factory=list)  # block store -> a newly admitted request's slot
     moves: list[tuple[int, int, int]] = field(default_factory=list)  # (src slot, dst slot, positions to copy)
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: DecodeBatch | None = None
+    saves: list[BlockCopy] = field(default_factory=list)  # a just-prefilled request's slot -> block store
 
     @property
     def empty(self) -> bool:
-        return not (self.moves or self.prefill or self.decode)
+        return not (self.loads or self.moves or self.prefill or self.decode or self.saves)
 
     @property
     def request_ids(self) -> list[str]:
@@ -69,7 +94,8 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, n_slots: int, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
-                 batch_window_s: float = 0.0, max_queue: int = 1024):
+                 batch_window_s: float = 0.0, max_queue: int = 1024, prefix: PrefixIndex | None = None):
+        """``prefix``: the index of cached prompt blocks (prefix caching), or None for none."""
         if policy not in POLICIES:
             raise EffdlError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
         if n_slots <= 0 or prefill_chunk <= 0:
@@ -80,6 +106,8 @@ class Scheduler:
         self.slots = SlotTable(n_slots)
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # owners of slots, in admission order
+        self.prefix = prefix
+        self.prefix_queries = self.prefix_hits = 0  # prompt tokens looked up, and found, in the prefix cache
 
     # -- bookkeeping --------------------------------------------------------------------------------------
 
@@ -126,24 +154,25 @@ class Scheduler:
         """The plan for one step; request state (slots, ``num_computed``) advances as if it ran."""
         plan = StepPlan()
         decoding = [r for r in self.running.values() if not r.finished and r.output]
-        self._admit(now)
+        plan.loads = self._admit(now)
         if self.shuffle:
             plan.moves = self._shuffle()
         plan.prefill = self._prefill_chunks()
+        plan.saves = self._saves(plan.prefill)
         if decoding:
             plan.decode = self._decode_batch(decoding)
         return plan
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float) -> list[BlockCopy]:
+        """Give waiting requests slots as the policy allows; returns the cached blocks to load into them."""
+        n = 0
         if self.policy == "fused":
-            while self.waiting and self.slots.n_free:
-                self._take_slot(self.waiting.popleft())
-            return
-        if self.running or not self.waiting:
-            return  # a static batch runs to its end before the next forms
-        if len(self.waiting) >= self.max_batch or now - self.waiting[0].arrival >= self.batch_window_s:
-            for _ in range(min(self.max_batch, len(self.waiting))):
-                self._take_slot(self.waiting.popleft())
+            n = min(len(self.waiting), self.slots.n_free)
+        elif not self.running and self.waiting and (  # a static batch runs to its end before the next forms
+                len(self.waiting) >= self.max_batch or now - self.waiting[0].arrival >= self.batch_window_s):
+            n = min(self.max_batch, len(self.waiting))
+        loads = [self._take_slot(self.waiting.popleft()) for _ in range(n)]
+        return [load for load in loads if load is not None]
 
     def next_admission(self) -> float | None:
         """When a waiting static batch is due (monotonic time), if the caller should wait for it."""
@@ -151,9 +180,35 @@ class Scheduler:
             return None
         return self.waiting[0].arrival + self.batch_window_s
 
-    def _take_slot(self, request: Request) -> None:
+    def _take_slot(self, request: Request) -> BlockCopy | None:
+        """Give ``request`` a slot; with prefix caching, its cached prefix counts as computed once loaded."""
         request.slot, request.status = self.slots.allocate(request.id), Status.RUNNING
         self.running[request.id] = request
+        if self.prefix is None:
+            return None
+        rows = self.prefix.lookup(request.prompt)
+        self.prefix_queries += len(request.prompt)
+        self.prefix_hits += len(rows) * self.prefix.block_size
+        request.num_computed = len(rows) * self.prefix.block_size
+        return BlockCopy(request.slot, 0, rows) if rows else None
+
+    def _saves(self, chunks: list[PrefillChunk]) -> list[BlockCopy]:
+        """The full prompt blocks, not yet cached, of the requests whose prefill these chunks complete."""
+        if self.prefix is None:
+            return []
+        saves = []
+        for c in chunks:
+            if c.sample:
+                first, rows = self.prefix.insert(self.running[c.request_id].prompt)
+                if rows:
+                    saves.append(BlockCopy(c.slot, first, rows))
+        return saves
+
+    def forget(self, plan: StepPlan) -> None:
+        """Uncache the blocks ``plan`` was to save: it failed, so their contents never reached the store."""
+        for save in plan.saves:  # none without a prefix index
+            for row in save.rows:
+                self.prefix.discard(row)
 
     def _shuffle(self) -> list[tuple[int, int, int]]:
         moves = []

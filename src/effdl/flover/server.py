@@ -137,8 +137,8 @@ class _Sampling(_Body):
 
 def prometheus_text(engine: AsyncEngine, model_name: str) -> str:
     """``/metrics``: vLLM's names (``vllm:...``, labelled ``model_name``) where they mean the same, so vLLM's
-    dashboards read this server; ``flover_*`` for what vLLM has no name for. Prefix-cache counters are absent
-    because this server has no prefix cache."""
+    dashboards read this server; ``flover_*`` for what vLLM has no name for. The prefix-cache counters count
+    tokens, as vLLM's do (see ``Engine.stats``)."""
     m, label = engine.metrics(), f'model_name="{model_name}"'
     lines: list[str] = []
 
@@ -151,6 +151,10 @@ def prometheus_text(engine: AsyncEngine, model_name: str) -> str:
     sample("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", m["kv_cache_usage"])
     sample("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", engine.prompt_tokens_total)
     sample("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", m["tokens_total"])
+    sample("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried "
+           "tokens.", m["prefix_cache_queries"])
+    sample("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+           m["prefix_cache_hits"])
     lines += ["# HELP vllm:request_success_total Count of successfully processed requests.",
               "# TYPE vllm:request_success_total counter"]
     lines += [f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {count}'
@@ -705,11 +709,12 @@ def load_model(spec: str, device: torch.device | str = "cpu", dtype: torch.dtype
 def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 16,
           max_len: int | None = None, policy: str = "fused", shuffle: bool = True, prefill_chunk: int = 2048,
           max_queue: int = 1024, name: str | None = None, device: str = "auto", tp: int = 1,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, prefix_caching: bool = True) -> None:
     """Load the model and serve it until interrupted (what ``effdl flover serve`` runs).
 
     ``api_key`` (or, when it is None, the ``EFFDL_API_KEY`` environment
     variable) makes every /v1/* and (de)tokenize request need it as a bearer token.
+    ``prefix_caching``: reuse the K/V of prompt prefixes already seen (``Engine``'s option).
 
     With ``tp > 1`` (under ``torchrun --nproc-per-node tp``) every rank holds a
     slice of the model; rank 0 schedules and serves HTTP, the others execute.
@@ -726,7 +731,7 @@ def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, max_slots:
                              f"flover serve ...` (this is {world})")
         model, tokenizer, served = load_model(model_spec, dist_device or resolve_device(device))
         options = dict(max_slots=max_slots, max_len=max_len, policy=policy, shuffle=shuffle,
-                       prefill_chunk=prefill_chunk, max_queue=max_queue)
+                       prefill_chunk=prefill_chunk, max_queue=max_queue, prefix_caching=prefix_caching)
         params = model.config.num_params()
         engine = tp_engine(model, tokenizer, **options) if tp > 1 else Engine(model, tokenizer, **options)
         if engine is None:

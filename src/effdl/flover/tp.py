@@ -40,7 +40,8 @@ from effdl.core.tokenizer import Tokenizer
 from effdl.core.transformer import Transformer
 from effdl.distributed import abandon
 from effdl.errors import EffdlError
-from effdl.flover.engine import Engine, RunnerFailure, default_max_len
+from effdl.flover.engine import Engine, RunnerFailure, default_max_len, prefix_cache_rows
+from effdl.flover.prefix_cache import BLOCK_SIZE
 from effdl.flover.runner import ModelRunner
 from effdl.flover.scheduler import StepPlan
 
@@ -155,8 +156,9 @@ class TPRunner(ModelRunner):
     A failed step raises ``RunnerFailure``, now and on every later step.
     """
 
-    def __init__(self, model: Transformer, n_slots: int, max_len: int, group: dist.ProcessGroup | None = None):
-        super().__init__(model, n_slots, max_len)
+    def __init__(self, model: Transformer, n_slots: int, max_len: int, group: dist.ProcessGroup | None = None,
+                 **runner_options: Any):
+        super().__init__(model, n_slots, max_len, **runner_options)
         self.group = group
         self.failure: RunnerFailure | None = None  # set once a step failed: the group is gone
 
@@ -233,13 +235,20 @@ def tp_engine(model: Transformer, tokenizer: Tokenizer | None = None, max_slots:
     ``Engine`` whose steps drive all ranks; it must call
     ``engine.runner.stop()`` when done. The other ranks execute plans here
     until then, and get ``None``. ``engine_options`` are ``Engine``'s (policy,
-    shuffle, prefill_chunk ...). Every rank builds the engine, so bad options
-    raise on all ranks alike instead of leaving followers waiting.
+    shuffle, prefill_chunk, prefix_caching ...). Every rank builds the engine, so bad options
+    raise on all ranks alike instead of leaving followers waiting. Each
+    rank's runner holds its own prefix-cache block store (its heads' K/V);
+    the plan names the rows, so the stores stay alike.
     """
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     local = shard_model(model, rank, world_size, group)
     max_len = max_len or default_max_len(model.config)
-    runner = TPRunner(local, max_slots, max_len, group) if rank == 0 else ModelRunner(local, max_slots, max_len)
+    prefix = {k: engine_options[k] for k in ("prefix_caching", "prefix_block_size", "prefix_cache_blocks")
+              if k in engine_options}
+    runner_options = dict(prefix_rows=prefix_cache_rows(max_slots, max_len, **prefix),
+                          block_size=prefix.get("prefix_block_size", BLOCK_SIZE))
+    runner = (TPRunner(local, max_slots, max_len, group, **runner_options) if rank == 0
+              else ModelRunner(local, max_slots, max_len, **runner_options))
     engine = Engine(local, tokenizer, max_slots=max_slots, max_len=max_len, runner=runner, **engine_options)
     if rank == 0:
         return engine
