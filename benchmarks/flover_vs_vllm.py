@@ -265,7 +265,9 @@ def main() -> None:
     if args.shared_prefix + args.prompt_len[1] + args.output_len > args.max_len:
         sys.exit(f"--shared-prefix {args.shared_prefix} + the longest prompt {args.prompt_len[1]} + --output-len "
                  f"{args.output_len} exceeds --max-len {args.max_len}")
-    name = "flover_vs_vllm_quick" if args.quick else "flover_vs_vllm"  # a smoke run never overwrites results
+    # A smoke run never overwrites results; a shared-prefix run has its own file.
+    name = "flover_vs_vllm_quick" if args.quick else "flover_vs_vllm" + (
+        f"_prefix{args.shared_prefix}" if args.shared_prefix else "")
     # SIGTERM (timeout, kill) as an exception, so that the finally blocks stop the servers as on Ctrl-C.
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(f"stopped by signal {signum}"))
     error = vllm_import_error()
