@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="the same N random tokens before every prompt (the warm-up requests cache them too)")
+    parser.add_argument("--preset", help="serve this effdl preset (seeded random weights, e.g. llama-125m) instead "
+                                         "of the 33.7M model")
     parser.add_argument("--max-slots", type=int, default=32, help="effdl KV slots = vLLM --max-num-seqs")
     parser.add_argument("--max-len", type=int, default=512, help="effdl --max-len = vLLM --max-model-len")
     parser.add_argument("--kv-cache-gib", type=int, default=2, help="vLLM's VLLM_CPU_KVCACHE_SPACE")
@@ -265,9 +267,12 @@ def main() -> None:
     if args.shared_prefix + args.prompt_len[1] + args.output_len > args.max_len:
         sys.exit(f"--shared-prefix {args.shared_prefix} + the longest prompt {args.prompt_len[1]} + --output-len "
                  f"{args.output_len} exceeds --max-len {args.max_len}")
-    # A smoke run never overwrites results; a shared-prefix run has its own file.
+    # A smoke run never overwrites results; a shared-prefix run, another model and equal threads have their own file.
     name = "flover_vs_vllm_quick" if args.quick else "flover_vs_vllm" + (
-        f"_prefix{args.shared_prefix}" if args.shared_prefix else "")
+        f"_prefix{args.shared_prefix}" if args.shared_prefix else "") + (f"_{args.preset}" if args.preset else "") + (
+        "_bind-" + args.vllm_omp_bind if args.vllm_omp_bind != "auto" else "")
+    # No eos: every request runs to its length, as with the default model.
+    model_cfg = ModelConfig.preset(args.preset, bos_id=None, eos_id=None) if args.preset else MODEL
     # SIGTERM (timeout, kill) as an exception, so that the finally blocks stop the servers as on Ctrl-C.
     signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(f"stopped by signal {signum}"))
     error = vllm_import_error()
@@ -275,16 +280,16 @@ def main() -> None:
         sys.exit(f"vLLM is not usable ({error}); run `python {Path(__file__).name} --setup` first")
 
     torch.manual_seed(args.seed)
-    model = Transformer(MODEL)
+    model = Transformer(model_cfg)
     model.reset_parameters(std=0.1)  # wider than training init so greedy picks are not near-ties
     checkpoint = RUN_DIR / "checkpoint"
     save_checkpoint(model, checkpoint)
     del model
-    console.print(f"checkpoint: {checkpoint} ({MODEL.num_params() / 1e6:.1f}M params, fp32)")
+    console.print(f"checkpoint: {checkpoint} ({model_cfg.num_params() / 1e6:.1f}M params, fp32)")
 
     workloads = {interval: with_shared_prefix(
         poisson_workload(args.requests, interval, tuple(args.prompt_len), (args.output_len, args.output_len),
-                         MODEL.vocab_size, args.seed), args.shared_prefix, MODEL.vocab_size, args.seed)
+                         model_cfg.vocab_size, args.seed), args.shared_prefix, model_cfg.vocab_size, args.seed)
                  for interval in args.intervals}
     envs = {EFFDL: {}, VLLM: {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
                               "VLLM_CPU_OMP_THREADS_BIND": args.vllm_omp_bind}}
@@ -315,12 +320,12 @@ def main() -> None:
         agreements.append({"interval_ms": interval, **agree})
 
     versions = vllm_versions()
-    title = (f"effdl Flover vs vLLM {versions['vllm']} (CPU), {MODEL.num_params() / 1e6:.1f}M-param Llama "
+    title = (f"effdl Flover vs vLLM {versions['vllm']} (CPU), {model_cfg.num_params() / 1e6:.1f}M-param Llama "
              f"fp32, {args.requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]}"
              f"{f' after a shared {args.shared_prefix}-token prefix' if args.shared_prefix else ''}, "
              f"{args.output_len} output tokens, {args.max_slots} slots")
     plot(report(name, title, columns, rows,
-                extra={"args": vars(args), "model": asdict(MODEL), "versions": versions, "commands": commands,
+                extra={"args": vars(args), "model": asdict(model_cfg), "versions": versions, "commands": commands,
                        "envs": envs, "agreement": agreements, "runs": summaries}))
 
 
