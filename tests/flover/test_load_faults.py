@@ -8,12 +8,9 @@ import random
 
 import httpx
 import pytest
-import torch
 
-from effdl.core.config import ModelConfig
 from effdl.core.generate import generate
 from effdl.core.tokenizer import ByteTokenizer
-from effdl.core.transformer import Transformer
 from effdl.flover.async_engine import AsyncEngine
 from effdl.flover.engine import Engine
 from effdl.flover.server import create_app, serve_in_thread
@@ -29,17 +26,6 @@ MALFORMED = [
     (json.dumps({"model": "other", "prompt": "a"}).encode(), 404),
     (json.dumps({"model": "tiny", "prompt": "a" * 200, "max_tokens": 100}).encode(), 400),  # past max_len
 ]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.preset("tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)  # wider than init, so that greedy picks are not near-ties
-    return m
 
 
 def _greedy(model, prompt: str, n: int) -> str:

@@ -137,14 +137,8 @@ VOCAB = 256
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.preset("tiny", n_layers=2)).eval()
-    with torch.no_grad():  # wide weights: discriminative logits, so greedy near-ties cannot blur the comparison
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    return m
+def model(widened_model):
+    return widened_model(n_layers=2)
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:

@@ -10,10 +10,8 @@ import openai
 import pytest
 import torch
 
-from effdl.core.config import ModelConfig
 from effdl.core.generate import generate
 from effdl.core.tokenizer import ByteTokenizer
-from effdl.core.transformer import Transformer
 from effdl.flover import Engine
 from effdl.flover.async_engine import AsyncEngine
 from effdl.flover.engine import RunnerFailure
@@ -24,17 +22,6 @@ TOK = ByteTokenizer()
 
 def _serve(engine: AsyncEngine, name: str = "tiny"):
     return serve_in_thread(create_app(engine, name, TOK))
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = Transformer(ModelConfig.preset("tiny")).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    return m
 
 
 @pytest.fixture(scope="module")
