@@ -34,13 +34,39 @@ def test_newton_pinv_on_gaussian_landmark_matrices():
     assert _rel_err(newton_pinv(A2), torch.linalg.pinv(A2.double()).float()) < 1e-3
 
 
-def test_fixed_20_iterations_fail_near_condition_1000_and_adaptive_stop_fixes_it():
-    A = _psd(32, 5_000.0, batch=2)
-    reference = torch.linalg.pinv(A)
-    fixed = _newton_schulz(A, iters=20, adaptive=False)
-    adaptive = _newton_schulz(A, iters=20, adaptive=True)
-    assert _rel_err(fixed, reference) > 0.05  # documented limit of the reference's 20 fixed steps
-    assert _rel_err(adaptive, reference) < 1e-6
+def test_adaptive_mode_converges_where_20_fixed_steps_cannot():
+    A = _psd(32, 5_000.0, batch=2)  # 20 Newton steps reach condition ~1,000 at best
+    assert _rel_err(_newton_schulz(A, iters=20, mode="adaptive"), torch.linalg.pinv(A)) < 1e-6
+
+
+def _landmark_kernel(spread: float) -> torch.Tensor:
+    torch.manual_seed(2)
+    landmarks = torch.randn(2, 3, 49, 16, dtype=torch.float64) * spread
+    return gaussian_kernel(landmarks, landmarks)  # (2, 3, 49, 49), positive entries, diagonal 1
+
+
+def test_soft_mode_is_the_inverse_of_the_ridged_kernel_where_20_steps_converge():
+    A2 = _landmark_kernel(spread=0.6)
+    eye = torch.eye(49, dtype=torch.float64)
+    assert _rel_err(newton_pinv(A2, 20, mode="soft"), torch.linalg.inv(A2 + 0.01 * eye)) < 1e-8
+    # ... and not the plain inverse: weights trained with the reference operator expect the ridge.
+    assert _rel_err(newton_pinv(A2, 20, mode="soft"), torch.linalg.pinv(A2)) > 1e-3
+
+
+def test_soft_norm_mode_converges_to_the_pseudo_inverse_on_well_conditioned_kernels():
+    A2 = _landmark_kernel(spread=0.6)
+    assert _rel_err(newton_pinv(A2, 20, mode="soft_norm"), torch.linalg.pinv(A2)) < 1e-8
+
+
+def test_reference_modes_stop_at_the_given_number_of_steps():
+    A2 = _landmark_kernel(spread=0.1)  # landmarks close together: badly conditioned
+    for mode in ("soft", "soft_norm"):
+        assert _rel_err(newton_pinv(A2, 20, mode=mode), newton_pinv(A2, 40, mode=mode)) > 1e-3
+
+
+def test_unknown_pinv_mode_is_named():
+    with pytest.raises(EffdlError, match="unknown pinv mode 'exact'"):
+        newton_pinv(torch.eye(3), mode="exact")
 
 
 def test_newton_pinv_of_singular_psd_is_the_moore_penrose_inverse():
@@ -86,7 +112,7 @@ def test_identity_bottleneck_gives_full_gaussian_attention():
 
 def test_soft_attention_with_stride_one_equals_dense_kernel_attention():
     """SOFT attention with a 1x1 bottleneck conv set to identity reproduces S(Q', Q') V + dwconv(V)."""
-    attn = SoftAttention(dim=16, num_heads=2, sr_ratio=1, conv_size=3)
+    attn = SoftAttention(dim=16, num_heads=2, sr_ratio=1, conv_size=3, pinv="adaptive")
     with torch.no_grad():
         attn.landmark.weight.copy_(torch.eye(8)[:, :, None, None])
     x = torch.randn(2, 4 * 4, 16)
@@ -128,8 +154,8 @@ def test_landmark_grid_is_capped_so_larger_inputs_keep_m_fixed(monkeypatch):
 
     seen = []
     real = attention.nystrom_gaussian_attention
-    monkeypatch.setattr(attention, "nystrom_gaussian_attention", lambda q, lm, v, it: seen.append(lm.shape) or
-                        real(q, lm, v, it))
+    monkeypatch.setattr(attention, "nystrom_gaussian_attention", lambda q, lm, *args: seen.append(lm.shape) or
+                        real(q, lm, *args))
     capped, uncapped = SoftAttention(32, 2, 8, 3), SoftAttention(32, 2, 8, 3, landmark_grid=None)
     uncapped.load_state_dict(capped.state_dict())
     x = torch.randn(2, 56 * 56, 32)

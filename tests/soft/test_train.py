@@ -72,4 +72,4 @@ def test_cli_train_with_baseline_and_eval(tmp_path):
     out = effdl("soft", "eval", "--checkpoint", str(tmp_path / "missing"))
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     out = effdl("soft", "train", "--img-size", "48", "--train-subset", "64", "--eval-subset", "64")
-    assert out.returncode == 2 and "divisible by 32" in out.stderr
+    assert out.returncode == 2 and "multiple of 32" in out.stderr

@@ -43,23 +43,49 @@ def gaussian_kernel(a: Tensor, b: Tensor) -> Tensor:
     return (a_aug @ b_aug.transpose(-1, -2)).clamp_max_(0).exp_()  # (..., N, M)
 
 
-def _newton_schulz(A: Tensor, iters: int, adaptive: bool) -> Tensor:
-    """Moore–Penrose inverse of symmetric PSD matrices A (..., M, M) by Newton–Schulz iteration.
+PINV_MODES = ("adaptive", "soft", "soft_norm")
 
-    V0 = alpha A with alpha = 1.8 / ||A||_inf^2 (< 2 / lambda_max^2 since
-    ||A||_inf >= lambda_max), then V <- 2V - V A V, which squares the error
-    each step. ``iters`` steps suffice up to condition number ~ 2^(iters/2)
-    (20 steps: ~1,000). With ``adaptive`` the iteration goes on (up to 5x
-    ``iters``) until the relative update falls below 1e3 machine epsilons or
-    stops shrinking, which handles worse-conditioned and singular matrices.
-    Cost: 2 M^3 per step.
+
+def _initial_inverse(A: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """The matrix P to invert and the Newton–Schulz start V0 for each ``mode`` (see ``newton_pinv``).
+
+    Convergence needs ||I - P V0|| < 1, i.e. V0 = alpha P with alpha < 2 / lambda_max(P)^2; the row sum
+    bounds lambda_max of a non-negative matrix, which is where every mode's alpha comes from.
     """
-    alpha = 1.8 / A.abs().sum(-1).amax(-1) ** 2  # (...,)
-    V = alpha[..., None, None] * A
+    if mode == "adaptive":
+        alpha = 1.8 / A.abs().sum(-1).amax(-1) ** 2  # (...,) per matrix
+        return A, alpha[..., None, None] * A
+    if mode == "soft":
+        alpha = 0.9 * 2 / A.sum(-1).amax(-1) ** 2  # (...,) per matrix, from A before the ridge
+        P = A + 0.01 * torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        return P, alpha[..., None, None] * P
+    if mode == "soft_norm":
+        # SOFT++: one alpha for the whole call (all images and heads), halved up to 10 times until
+        # the worst column sum of |I - A V0| over the call is at most 1.01.
+        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+        alpha = 2 / A.sum(-1).max() ** 2  # scalar
+        for _ in range(10):
+            if float((eye - A @ (alpha * A)).abs().sum(-2).max()) <= 1.01:
+                break
+            alpha = alpha / 2
+        return A, alpha * A
+    raise EffdlError(f"unknown pinv mode {mode!r}; choose one of {', '.join(PINV_MODES)}")
+
+
+def _newton_schulz(A: Tensor, iters: int, mode: str) -> Tensor:
+    """Pseudo-inverse of symmetric PSD matrices A (..., M, M) by Newton–Schulz iteration V <- 2V - V P V.
+
+    Each step squares the error, so ``iters`` steps suffice up to condition number ~ 2^(iters/2)
+    (20 steps: ~1,000). ``mode="adaptive"`` goes on (up to 5x ``iters``) until the relative update
+    falls below 1e3 machine epsilons or stops shrinking, which handles worse-conditioned and singular
+    matrices; the reference modes run exactly ``iters`` steps. Cost: 2 M^3 per step.
+    """
+    P, V = _initial_inverse(A, mode)
+    adaptive = mode == "adaptive"
     tol = 1e3 * torch.finfo(A.dtype).eps
     last_change = float("inf")
     for step in range(5 * iters if adaptive else iters):
-        V_next = 2 * V - V @ A @ V
+        V_next = 2 * V - V @ P @ V
         if adaptive and step >= iters - 1:
             change = float(((V_next - V).norm(dim=(-2, -1)) / V_next.norm(dim=(-2, -1)).clamp_min(1e-30)).max())
             if change < tol:
@@ -75,8 +101,8 @@ def _newton_schulz(A: Tensor, iters: int, adaptive: bool) -> Tensor:
 
 class _NewtonPinv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, A: Tensor, iters: int, adaptive: bool) -> Tensor:
-        V = _newton_schulz(A, iters, adaptive)
+    def forward(ctx, A: Tensor, iters: int, mode: str) -> Tensor:
+        V = _newton_schulz(A, iters, mode)
         ctx.save_for_backward(V)
         return V
 
@@ -87,35 +113,51 @@ class _NewtonPinv(torch.autograd.Function):
         return -(Vt @ grad @ Vt), None, None  # d(A^-1) = -A^-T dA A^-T
 
 
-def newton_pinv(A: Tensor, iters: int = 20, adaptive: bool = True) -> Tensor:
-    """Pseudo-inverse of symmetric PSD matrices (..., M, M), differentiable, computed in fp32.
+def newton_pinv(A: Tensor, iters: int = 20, mode: str = "adaptive") -> Tensor:
+    """Pseudo-inverse of symmetric PSD matrices (..., M, M), differentiable, computed in fp32 (fp64 for fp64).
 
-    The forward runs the Newton–Schulz iteration without building an autograd
-    graph; the backward uses the closed form of the inverse's derivative,
-    -V^T G V^T. ``adaptive=False`` gives the reference implementation's fixed
-    ``iters`` steps (accurate to condition number ~1,000 at 20 steps);
-    ``adaptive=True`` (default) keeps going until converged. Cost: O(iters M^3).
+    ``mode`` picks the operator:
+    - ``"adaptive"`` (effdl's): V0 = 1.8 A / ||A||_inf^2 per matrix, iterated until converged.
+    - ``"soft"`` (the SOFT reference code's): the inverse of A + 0.01 I after exactly ``iters`` steps
+      from V0 = alpha (A + 0.01 I), alpha = 1.8 / max_i(sum_j A_ij)^2 per matrix.
+    - ``"soft_norm"`` (the SOFT++ reference code's): exactly ``iters`` steps from V0 = alpha A with one
+      alpha = 2 / max(row sum)^2 over the whole call, halved until ||I - A V0||_1 <= 1.01. The result
+      depends on the other matrices in the call, as the reference's does.
+
+    Weights trained with a reference operator expect that operator, not the converged inverse. The
+    forward runs without an autograd graph; the backward uses the closed form of the inverse's
+    derivative, -V^T G V^T. Cost: O(iters M^3).
     """
     if A.shape[-1] != A.shape[-2]:
         raise EffdlError(f"newton_pinv needs square matrices, got shape {tuple(A.shape)}")
+    if mode not in PINV_MODES:
+        raise EffdlError(f"unknown pinv mode {mode!r}; choose one of {', '.join(PINV_MODES)}")
     dtype = A.dtype
     work = A if dtype == torch.float64 else A.float()
-    return _NewtonPinv.apply(work, iters, adaptive).to(dtype)
+    return _NewtonPinv.apply(work, iters, mode).to(dtype)
 
 
-def nystrom_gaussian_attention(q: Tensor, landmarks: Tensor, v: Tensor, iters: int = 20) -> Tensor:
+def nystrom_gaussian_attention(q: Tensor, landmarks: Tensor, v: Tensor, iters: int = 20,
+                               pinv_mode: str = "adaptive", normalized: bool = False) -> Tensor:
     """SOFT attention: S(Q, Q) V approximated as A1 (pinv(A2) (A1^T V)), right to left.
 
     q (B, H, N, D) tied queries/keys (already scaled), landmarks (B, H, M, D),
-    v (B, H, N, D) -> (B, H, N, D) in fp32. Cost: O(N M D + M^3), memory O(N M).
+    v (B, H, N, D) -> (B, H, N, D) in fp32. With ``normalized`` (SOFT++) the
+    inverse is scaled symmetrically by the landmark kernel's degrees,
+    D^-1/2 pinv(A2) D^-1/2 with D = diag(A2 1), as the reference code does.
+    Cost: O(N M D + M^3), memory O(N M).
     """
     A1 = gaussian_kernel(q, landmarks)  # (B, H, N, M)
     A2 = gaussian_kernel(landmarks, landmarks)  # (B, H, M, M)
-    context = A1.transpose(-1, -2) @ v.float()  # (B, H, M, D)
+    context = A1.transpose(-1, -2) @ v.to(A1.dtype)  # (B, H, M, D)
     # A NaN anywhere in q, landmarks or v reaches these two small tensors; checking them is O(M^2 + M D).
     if not (torch.isfinite(context).all() and torch.isfinite(A2).all()):
         raise EffdlError("non-finite values in the Gaussian kernel: the attention input holds NaN or inf")
-    return A1 @ (newton_pinv(A2, iters) @ context)  # (B, H, N, D)
+    inverse = newton_pinv(A2, iters, pinv_mode)  # (B, H, M, M)
+    if normalized:
+        degree = A2.sum(-1, keepdim=True).rsqrt()  # (B, H, M, 1)
+        inverse = degree * inverse * degree.transpose(-1, -2)
+    return A1 @ (inverse @ context)  # (B, H, N, D)
 
 
 class SoftAttention(nn.Module):
@@ -130,17 +172,24 @@ class SoftAttention(nn.Module):
     The bottleneck grid is capped at ``landmark_grid`` per side (7, the grid
     every stage has at 224 px): a larger input pools the conv's output down to
     it, so M stays fixed and the cost stays linear in the tokens instead of
-    growing as N^2 / sr_ratio^4. At 224 px and below the cap changes nothing.
+    growing as N^2 / sr_ratio^4. At 224 px and below the cap changes nothing;
+    ``landmark_grid=None`` keeps the reference's M = (h / sr_ratio) x (w / sr_ratio) at every size.
+
+    ``normalized`` selects SOFT++'s degree-normalised kernel. ``pinv="reference"``
+    uses the pseudo-inverse operator the reference code trained with (SOFT's or
+    SOFT++'s, see ``newton_pinv``); ``pinv="adaptive"`` iterates to convergence.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, conv_size: int, newton_iters: int = 20,
-                 landmark_grid: int | None = 7):
+                 landmark_grid: int | None = 7, normalized: bool = False, pinv: str = "reference"):
         super().__init__()
-        self.landmark_grid = landmark_grid
         if dim % num_heads:
             raise EffdlError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if pinv not in ("reference", "adaptive"):
+            raise EffdlError(f"pinv must be 'reference' or 'adaptive', got {pinv!r}")
         self.num_heads, self.head_dim, self.sr_ratio = num_heads, dim // num_heads, sr_ratio
-        self.newton_iters = newton_iters
+        self.newton_iters, self.landmark_grid, self.normalized = newton_iters, landmark_grid, normalized
+        self.pinv_mode = ("soft_norm" if normalized else "soft") if pinv == "reference" else "adaptive"
         self.q = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.landmark = nn.Conv2d(self.head_dim, self.head_dim, sr_ratio, stride=sr_ratio, bias=False)
@@ -163,7 +212,8 @@ class SoftAttention(nn.Module):
             landmarks = F.adaptive_avg_pool2d(landmarks, capped)  # (B*H, D, <=7, <=7)
         landmarks = landmarks.flatten(2).transpose(1, 2)  # (B*H, M, D)
         landmarks = F.gelu(self.landmark_norm(landmarks)).view(B, H, -1, D)  # (B, H, M, D)
-        out = nystrom_gaussian_attention(q, landmarks, v, self.newton_iters).to(x.dtype)  # (B, H, N, D)
+        out = nystrom_gaussian_attention(q, landmarks, v, self.newton_iters, self.pinv_mode,
+                                         self.normalized).to(x.dtype)  # (B, H, N, D)
 
         v_grid = v.reshape(B, H, h, w, D).permute(0, 4, 1, 2, 3).reshape(B * D, H, h, w)  # (B*D, H, h, w)
         local = self.v_conv(v_grid).view(B, D, H, N).permute(0, 2, 3, 1)  # (B, H, N, D)
