@@ -169,13 +169,16 @@ class SoftVisionTransformer(nn.Module):
         """Load a local checkpoint (the reference's or ours), adapted to this model's head, input and size."""
         self.load_state_dict(checkpoint_filter_fn(read_checkpoint(checkpoint_path), self))
 
-    def _check_input(self, x: Tensor) -> None:
+    def _prepare_input(self, x: Tensor) -> Tensor:
+        """Check the images and lay them out channels-last, so that every conv's output flattens into
+        contiguous (B, h*w, C) tokens without a copy (the token grid is channels-last by nature)."""
         if x.dim() != 4:
             raise EffdlError(f"expected images (B, C, H, W), got shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
             raise EffdlError(f"model expects {self.in_chans} input channels, got {x.shape[1]}")
         if x.shape[2] % STRIDE or x.shape[3] % STRIDE:
             raise EffdlError(f"image size must be a multiple of {STRIDE}, got {x.shape[2]}x{x.shape[3]}")
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _run_stage(self, i: int, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Stage ``i`` on a map (B, C, H, W) -> its tokens (B, [1 +] h*w, C_i), class token first in stage 4,
@@ -199,7 +202,7 @@ class SoftVisionTransformer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalised stage-4 tokens (B, 1 + H/32 * W/32, C4), class token first."""
-        self._check_input(x)
+        x = self._prepare_input(x)
         for i in range(len(self.stages)):
             tokens, grid = self._run_stage(i, x)
             x = self._to_map(tokens, grid)
@@ -214,7 +217,7 @@ class SoftVisionTransformer(nn.Module):
         """
         if output_fmt != "NCHW":
             raise EffdlError(f"SOFT features come as NCHW maps, not {output_fmt}")
-        self._check_input(x)
+        x = self._prepare_input(x)
         take, max_index = feature_take_indices(len(self.stages), indices)
         last = max_index if stop_early or intermediates_only else len(self.stages) - 1
         features = []
