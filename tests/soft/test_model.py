@@ -117,7 +117,7 @@ def test_mismatched_checkpoint_lists_offending_keys():
     sd = {_reference_name(k): v for k, v in model.state_dict().items()}
     del sd["block2.1.att.mha.W_q.weight"]
     sd["block9.0.extra"] = torch.zeros(1)
-    sd["head.weight"] = torch.zeros(10, 512)
+    sd["norm.weight"] = torch.zeros(10)
     with pytest.raises(EffdlError, match=r"missing keys stages.1.blocks.1.attn.q.weight.*unexpected keys "
-                                         r"block9.0.extra.*shape mismatches head.weight \(10, 512\)"):
+                                         r"block9.0.extra.*shape mismatches norm.weight \(10,\)"):
         checkpoint_filter_fn(sd, model)

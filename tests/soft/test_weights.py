@@ -36,6 +36,19 @@ def test_other_num_classes_gets_a_new_head_and_keeps_the_rest(tiny, tmp_path):
             assert torch.equal(value, source[name]), name
 
 
+def test_a_checkpoint_with_another_head_or_none_loads_into_a_backbone(tiny, tmp_path):
+    fine_tuned = {k: torch.zeros(5, *v.shape[1:]) if k.startswith("head.") else v
+                  for k, v in tiny.state_dict().items()}
+    no_head = {k: v for k, v in tiny.state_dict().items() if not k.startswith("head.")}
+    for state_dict in (fine_tuned, no_head):
+        path = _save(tmp_path, state_dict)
+        backbone = timm.create_model("soft_tiny", features_only=True, pretrained=True,
+                                     pretrained_cfg_overlay={"file": path})
+        torch.testing.assert_close(backbone.model.stages[2].blocks[0].attn.q.weight,
+                                   tiny.stages[2].blocks[0].attn.q.weight)
+        assert _load("soft_tiny", path, num_classes=0).head.__class__.__name__ == "Identity"
+
+
 def test_other_in_chans_adapts_the_first_conv(tiny, tmp_path):
     model = _load("soft_tiny", _save(tmp_path, tiny.state_dict()), in_chans=1)
     stem = tiny.stages[0].downsample[0].weight  # (32, 3, 3, 3)

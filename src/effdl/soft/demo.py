@@ -1,4 +1,5 @@
-"""The SOFT stage of ``effdl demo``: a short image-classification run and SOFT's attention cost against SDPA."""
+"""The SOFT stage of ``effdl demo``: a short classification run, attention cost against SDPA, and soft_tiny's
+forward against pvt_v2_b1's."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def attention_cost(sides: list[int], heads: int = 2, dim: int = 32, repeat: int 
     return costs
 
 
+def whole_model_cost(size: int, repeat: int = 3) -> dict[str, Timing]:
+    """One image's inference forward at ``size`` px: soft_tiny against pvt_v2_b1, its pyramid-transformer peer."""
+    import timm
+
+    x = torch.randn(1, 3, size, size)
+    models = {name: timm.create_model(name).eval() for name in ("soft_tiny", "pvt_v2_b1")}
+    with torch.inference_mode():
+        return time_interleaved({name: (lambda m=m: m(x)) for name, m in models.items()}, warmup=1, repeat=repeat)
+
+
 def soft_stage(out_dir: Path, quick: bool) -> StageReport:
     """Train soft_tiny for 50 s (Fashion-MNIST where installed, else the generated shapes10), then time
     attention as the token grid grows."""
@@ -50,6 +61,8 @@ def soft_stage(out_dir: Path, quick: bool) -> StageReport:
     # One thread: the figures are the algorithms' costs, not a busy machine's thread scheduling.
     with torch_threads(1):
         costs = attention_cost([14, 28, 56] if quick else [14, 28, 56, 112])
+        size = 224 if quick else 448
+        models = whole_model_cost(size)
     curves = {name: (list(costs), [t[name].median_s * 1e3 for t in costs.values()]) for name in (SOFT, SDPA)}
     plot = line_plot(out_dir / "soft_attention.png", curves,
                      title="Attention time vs tokens (1 CPU thread, 2 heads x 32 dims)",
@@ -57,6 +70,7 @@ def soft_stage(out_dir: Path, quick: bool) -> StageReport:
     n, top1 = max(costs), result.metrics["top1"]
     soft, sdpa = costs[n][SOFT], costs[n][SDPA]
     comparison = describe_speedup(speedup(sdpa, soft), "SOFT", "SDPA")
+    versus_pvt = describe_speedup(speedup(models["pvt_v2_b1"], models["soft_tiny"]), "soft_tiny", "pvt_v2_b1")
     rows = [
         ("data", DATA_NOTES[data]),
         ("model", "soft_tiny (13.1M params at 1000 classes), 1 input channel, 32 px"),
@@ -64,11 +78,15 @@ def soft_stage(out_dir: Path, quick: bool) -> StageReport:
         (f"test top-1 ({cfg.eval_subset or 10000:,} images, chance 10%)", f"{top1:.1f}%"),
         (f"attention at n = {n:,}: SOFT / SDPA (median)", f"{soft.median_s * 1e3:.2f} ms / "
                                                           f"{sdpa.median_s * 1e3:.2f} ms ({comparison})"),
+        (f"whole model, 1 image at {size} px: soft_tiny / pvt_v2_b1", f"{models['soft_tiny'].median_s * 1e3:.0f} ms / "
+                                                                      f"{models['pvt_v2_b1'].median_s * 1e3:.0f} ms "
+                                                                      f"({versus_pvt})"),
     ]
     markdown = (markdown_table(["metric", "value"], rows) + f"\n![attention cost]({plot.name})\n\n"
                 "SOFT's time grows linearly with the number of tokens; softmax attention's grows quadratically.\n")
     headline = f"{data} top-1 {top1:.1f}% after {result.step * cfg.batch_size:,} images; {comparison} " \
                f"at {n:,} tokens"
     metrics = {"top1": top1, "tokens": float(n), "soft_ms": soft.median_s * 1e3,
-               "sdpa_ms": sdpa.median_s * 1e3}
+               "sdpa_ms": sdpa.median_s * 1e3, "soft_tiny_ms": models["soft_tiny"].median_s * 1e3,
+               "pvt_v2_b1_ms": models["pvt_v2_b1"].median_s * 1e3}
     return StageReport("SOFT: softmax-free vision transformer", headline, rows, markdown, [plot], metrics)

@@ -319,8 +319,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SoftVisionTransformer) -> dict[str, Tensor]:
     """Map a reference-implementation (or our own) state dict onto ``model`` and adapt it for fine-tuning.
 
-    - A head for another class count is replaced by ``model``'s fresh one when ``model`` was built
-      for a class count other than its pretrained config's (``num_classes=...``).
+    - A head for another class count (or none) is replaced by ``model``'s fresh one (``num_classes=...``;
+      a backbone's head is dropped anyway).
     - A first conv for another channel count is adapted with timm's ``adapt_input_conv``.
     - Position embeddings are resampled (bilinear) to ``model``'s ``img_size``.
     Anything else that does not fit raises ``EffdlError`` naming the keys, and the variant the
@@ -342,11 +342,11 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: SoftVisionTransfo
     if stem in out and out[stem].dim() == 4 and out[stem].shape[0] == expected[stem].shape[0] \
             and out[stem].shape[1] != expected[stem].shape[1]:
         out[stem] = adapt_input_conv(expected[stem].shape[1], out[stem])
-    pretrained_classes = getattr(model, "pretrained_cfg", {}).get("num_classes", 1000)
-    if model.num_classes != pretrained_classes:
-        for key in ("head.weight", "head.bias"):
-            if key in out and key in expected and out[key].shape != expected[key].shape:
-                out[key] = expected[key]
+    for key in ("head.weight", "head.bias"):
+        if key not in expected:  # num_classes=0: no head
+            out.pop(key, None)
+        elif key not in out or out[key].shape != expected[key].shape:
+            out[key] = expected[key]
     if problems := _mismatches(out, expected):
         variant = getattr(model, "pretrained_cfg", {}).get("architecture", "the model")
         fits = [name for name in MODEL_ARGS if not _mismatches(out, _meta_state_dict(name, model), adaptable=True)]

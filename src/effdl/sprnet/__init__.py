@@ -1,6 +1,6 @@
 """SPRNet: one-stage instance segmentation by single pixel reconstruction, on torchvision's RetinaNet.
 
-``model.py`` (SPRNet, gated FPN, the baselines by name), ``spr_head.py`` (the
+``model.py`` (SPRNet, gated FPN, ResNet- and SOFT-FPN backbones, the baselines by name), ``spr_head.py`` (the
 mask branch and its loss), ``data.py`` (COCO-format datasets, synthetic
 shapes), ``evaluate.py`` (COCO AP, overlays), ``pretrain.py`` (a backbone from object crops
 where ImageNet weights are unavailable), ``train.py`` (train / eval / predict).
@@ -13,6 +13,8 @@ from effdl.sprnet.model import (
     GatedFPN,
     SPRNet,
     build_detector,
+    resnet_fpn,
+    soft_fpn,
     sprnet_resnet18_fpn,
     sprnet_resnet50_fpn,
 )
@@ -34,7 +36,9 @@ __all__ = [
     "load_image",
     "object_crops",
     "pretrain_backbone",
+    "resnet_fpn",
     "save_backbone",
+    "soft_fpn",
     "sprnet_resnet18_fpn",
     "sprnet_resnet50_fpn",
     "write_shapes_dataset",

@@ -11,7 +11,8 @@ Mask R-CNN.
 
 ``build_detector(name, num_classes)`` builds SPRNet and the two baselines it
 is measured against (torchvision Mask R-CNN and RetinaNet) on the same
-backbone.
+backbone: a torchvision ResNet or a SOFT vision transformer (``effdl.soft``,
+through timm's feature API), both under the same FPN (``FPNBackbone``).
 """
 
 from __future__ import annotations
@@ -22,18 +23,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN, _resnet_fpn_extractor
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image
-from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from effdl.errors import EffdlError
+from effdl.soft.model import MODEL_ARGS as SOFT_MODELS  # importing effdl.soft registers the SOFT models with timm
+from effdl.soft.model import STRIDE as SOFT_STRIDE
 from effdl.sprnet.spr_head import MASK_SIZE, SPRMaskHead, mask_positives, mask_targets, spr_mask_loss
 
 Targets = list[dict[str, Tensor]]
@@ -215,17 +219,67 @@ def _check_targets(images: list[Tensor], targets: Targets | None) -> None:
 # --------------------------------------------------------------------------- builders
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
+SOFT_BACKBONES = tuple(SOFT_MODELS)  # soft_tiny ... soft_huge, soft_norm_tiny ... (timm names, see effdl.soft)
+LAYERS = [1, 2, 3, 4]  # ResNet's layer k and SOFT's stage k - 1 both have stride 2 ** (k + 1): 4, 8, 16, 32
+
+
+class FPNBackbone(nn.Module):
+    """``body`` (images -> OrderedDict of maps, finest first, channels ``in_channels_list``) under an FPN.
+
+    torchvision's ``BackboneWithFPN`` layout (``body``, ``fpn``, ``out_channels``) for any body: the FPN is
+    torchvision's or, with ``gated``, ``GatedFPN``; ``extra_blocks`` defaults to a max-pooled level (Mask R-CNN's).
+    """
+
+    def __init__(self, body: nn.Module, in_channels_list: list[int], extra_blocks: ExtraFPNBlock | None = None,
+                 gated: bool = False, out_channels: int = 256):
+        super().__init__()
+        self.body = body
+        self.fpn = (GatedFPN if gated else FeaturePyramidNetwork)(in_channels_list, out_channels,
+                                                                   extra_blocks or LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.fpn(self.body(x))
+
+
+class ListToDict(nn.Module):
+    """A module returning a list of maps (timm's ``features_only`` models) -> OrderedDict ``"0", "1", ...``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return OrderedDict((str(i), f) for i, f in enumerate(self.net(x)))
+
+
+def _weights_file(weights_backbone: str | Path) -> Path:
+    path = Path(weights_backbone)
+    if not path.is_file():
+        raise EffdlError(f"backbone weights file not found: {path}")
+    return path
+
+
+def _check_layers(returned_layers: list[int] | None) -> list[int]:
+    layers = returned_layers or LAYERS
+    if not set(layers) <= set(LAYERS):
+        raise EffdlError(f"returned layers must be among {LAYERS} (strides 4-32), got {layers}")
+    return layers
 
 
 def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_layers: int = 5,
                returned_layers: list[int] | None = None, extra_blocks: ExtraFPNBlock | None = None,
-               gated: bool = False) -> BackboneWithFPN:
+               gated: bool = False) -> FPNBackbone:
     """A ResNet-FPN backbone. ``weights_backbone``: a local torchvision ResNet state-dict file (no downloads).
 
     Pretrained backbones get frozen batch norm (torchvision's convention); from scratch, batch norm trains.
+    ``trainable_layers`` (0-5) counts from ``layer4`` down, as torchvision's; the rest is frozen.
     """
     if name not in BACKBONES:
         raise EffdlError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if not 0 <= trainable_layers <= 5:
+        raise EffdlError(f"trainable_layers must be in 0-5, got {trainable_layers}")
+    layers = _check_layers(returned_layers)
     norm_layer = nn.BatchNorm2d
     if weights_backbone is not None:
         from torchvision.ops.misc import FrozenBatchNorm2d
@@ -233,10 +287,8 @@ def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_
         norm_layer = FrozenBatchNorm2d
     body = BACKBONES[name](norm_layer=norm_layer)
     if weights_backbone is not None:
-        path = Path(weights_backbone)
-        if not path.is_file():
-            raise EffdlError(f"backbone weights file not found: {path}")
-        # The classifier is dropped by the FPN extractor, so a file without it (or with another class count) loads.
+        path = _weights_file(weights_backbone)
+        # The classifier is dropped by the layer getter, so a file without it (or with another class count) loads.
         state = {k: v for k, v in torch.load(path, map_location="cpu", weights_only=True).items()
                  if not k.startswith("fc.")}
         try:
@@ -247,11 +299,51 @@ def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_
         if missing or unexpected:
             raise EffdlError(f"{path} is not a torchvision {name} state dict: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
-    backbone = _resnet_fpn_extractor(body, trainable_layers, returned_layers, extra_blocks)
-    if gated:
-        in_channels = [m[0].in_channels for m in backbone.fpn.inner_blocks]
-        backbone.fpn = GatedFPN(in_channels, backbone.out_channels, backbone.fpn.extra_blocks)
-    return backbone
+    trained = ("layer4", "layer3", "layer2", "layer1", "conv1")[:trainable_layers] + ("bn1",) * (trainable_layers == 5)
+    for key, parameter in body.named_parameters():
+        if not key.startswith(trained):
+            parameter.requires_grad_(False)
+    in_channels = [body.inplanes // 8 * 2 ** (k - 1) for k in layers]  # 64 * 2^(k-1) (x4 with bottlenecks)
+    getter = IntermediateLayerGetter(body, {f"layer{k}": str(i) for i, k in enumerate(layers)})
+    return FPNBackbone(getter, in_channels, extra_blocks, gated)
+
+
+def soft_fpn(name: str, weights_backbone: str | Path | None = None, returned_layers: list[int] | None = None,
+             extra_blocks: ExtraFPNBlock | None = None, gated: bool = False) -> FPNBackbone:
+    """A SOFT-FPN backbone: the stages of ``timm.create_model(name, features_only=True)`` under the FPN.
+
+    ``returned_layers`` numbers the stages as ResNet's layers (k = 1-4: strides 4, 8, 16, 32), so one detector
+    recipe fits both. ``weights_backbone``: a local SOFT checkpoint (the reference's or ``effdl.soft``'s, any of
+    the files timm's ``pretrained_cfg_overlay={"file": ...}`` takes), which then gets frozen batch norm in the
+    conv stem and downsampling, as ``resnet_fpn`` does. Images must be padded to a multiple of 32
+    (the detectors' transform does: ``size_divisible=32``).
+    """
+    if name not in SOFT_BACKBONES:
+        raise EffdlError(f"unknown backbone {name!r}; choose one of {', '.join(SOFT_BACKBONES)}")
+    layers = _check_layers(returned_layers)
+    pretrained = {} if weights_backbone is None else {
+        "pretrained": True, "pretrained_cfg_overlay": {"file": str(_weights_file(weights_backbone))}}
+    net = timm.create_model(name, features_only=True, out_indices=[k - 1 for k in layers], **pretrained)
+    if pretrained:
+        net = timm.layers.freeze_batch_norm_2d(net)
+    return FPNBackbone(ListToDict(net), net.feature_info.channels(), extra_blocks, gated)
+
+
+def fpn_backbone(name: str, weights_backbone: str | Path | None = None, **kwargs: Any) -> FPNBackbone:
+    """``resnet_fpn`` or ``soft_fpn`` by backbone name; ``kwargs`` (returned_layers, extra_blocks, gated) go to it."""
+    if name in SOFT_BACKBONES:
+        return soft_fpn(name, weights_backbone, **kwargs)
+    if name in BACKBONES:
+        return resnet_fpn(name, weights_backbone, **kwargs)
+    raise EffdlError(f"unknown backbone {name!r}; choose one of {', '.join((*BACKBONES, *SOFT_BACKBONES))}")
+
+
+def _check_padding(backbone_name: str, kwargs: dict[str, Any]) -> None:
+    """SOFT needs maps divisible by 32: the detectors' transform pads the batch to ``size_divisible`` (32)."""
+    divisible = kwargs.get("size_divisible", 32)
+    if backbone_name in SOFT_BACKBONES and divisible % SOFT_STRIDE:
+        raise EffdlError(f"{backbone_name} needs images padded to a multiple of {SOFT_STRIDE}, "
+                         f"got size_divisible={divisible}")
 
 
 def retinanet_anchors(smallest: int = 32) -> AnchorGenerator:
@@ -262,14 +354,14 @@ def retinanet_anchors(smallest: int = 32) -> AnchorGenerator:
 
 def _retinanet_parts(backbone_name: str, num_classes: int, weights_backbone: str | Path | None, gated: bool,
                      smallest_anchor: int) -> dict[str, Any]:
-    """Backbone (ResNet-FPN, P3-P7, P6 from P5), anchors and head shared by SPRNet and its RetinaNet baseline.
+    """Backbone (ResNet- or SOFT-FPN, P3-P7, P6 from P5), anchors and head shared by SPRNet and its RetinaNet baseline.
 
     The heads follow torchvision's RetinaNet v2: GroupNorm in the class and box towers (without it, heads trained
     from scratch converge several times slower) and a GIoU box loss (on 64-px shapes after 300 steps: box AP 6.5
     vs 5.2 with L1, AP75 3.5 vs 1.2).
     """
-    backbone = resnet_fpn(backbone_name, weights_backbone, returned_layers=[2, 3, 4],
-                          extra_blocks=LastLevelP6P7(256, 256), gated=gated)
+    backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=[2, 3, 4],
+                            extra_blocks=LastLevelP6P7(256, 256), gated=gated)
     anchors = retinanet_anchors(smallest_anchor)
     head = RetinaNetHead(backbone.out_channels, anchors.num_anchors_per_location()[0], num_classes,
                          norm_layer=partial(nn.GroupNorm, 32))
@@ -279,11 +371,12 @@ def _retinanet_parts(backbone_name: str, num_classes: int, weights_backbone: str
 
 def sprnet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None, gated_fpn: bool = True,
            smallest_anchor: int = 32, **kwargs: Any) -> SPRNet:
-    """SPRNet on a ResNet-(gated)FPN, P3-P7. ``kwargs`` go to ``SPRNet``/``RetinaNet`` (min_size, score_thresh ...).
+    """SPRNet on a ResNet- or SOFT-(gated)FPN, P3-P7. ``kwargs`` go to ``SPRNet``/``RetinaNet`` (min_size ...).
 
     ``smallest_anchor``: the P3 anchor size in pixels of the resized image (torchvision: 32); lower it for small images.
     """
     kwargs.setdefault("detections_per_img", 100)
+    _check_padding(backbone_name, kwargs)
     parts = _retinanet_parts(backbone_name, num_classes, weights_backbone, gated_fpn, smallest_anchor)
     return SPRNet(num_classes=num_classes, **parts, **kwargs)
 
@@ -302,6 +395,7 @@ def retinanet(backbone_name: str, num_classes: int, weights_backbone: str | Path
               smallest_anchor: int = 32, **kwargs: Any) -> RetinaNet:
     """The torchvision RetinaNet baseline on SPRNet's backbone and anchors (plain FPN, P3-P7)."""
     kwargs.setdefault("detections_per_img", 100)
+    _check_padding(backbone_name, kwargs)
     parts = _retinanet_parts(backbone_name, num_classes, weights_backbone, False, smallest_anchor)
     return ForegroundRetinaNet(num_classes=num_classes, **parts, **kwargs)
 
@@ -312,21 +406,24 @@ def maskrcnn(backbone_name: str, num_classes: int, weights_backbone: str | Path 
 
     Its RPN anchors are one size per level from ``smallest_anchor`` up, as torchvision's (32 ... 512).
     """
+    _check_padding(backbone_name, kwargs)
     sizes = tuple((smallest_anchor * 2 ** lvl,) for lvl in range(5))
     anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-    return MaskRCNN(resnet_fpn(backbone_name, weights_backbone), num_classes, rpn_anchor_generator=anchors, **kwargs)
+    return MaskRCNN(fpn_backbone(backbone_name, weights_backbone), num_classes, rpn_anchor_generator=anchors,
+                    **kwargs)
 
 
+# Every detector on every backbone: sprnet_resnet18_fpn, retinanet_soft_tiny_fpn, maskrcnn_soft_norm_small_fpn ...
 DETECTORS: dict[str, Callable[..., nn.Module]] = {
-    "sprnet_resnet18_fpn": sprnet_resnet18_fpn,
-    "sprnet_resnet50_fpn": sprnet_resnet50_fpn,
-    **{f"{family}_{backbone}_fpn": partial(build, backbone) for family, build in
-       (("retinanet", retinanet), ("maskrcnn", maskrcnn)) for backbone in BACKBONES},
+    f"{family}_{backbone}_fpn": partial(build, backbone)
+    for family, build in (("sprnet", sprnet), ("retinanet", retinanet), ("maskrcnn", maskrcnn))
+    for backbone in (*BACKBONES, *SOFT_BACKBONES)
 }
 
 
 def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """One of ``DETECTORS`` by name, e.g. ``build_detector("maskrcnn_resnet18_fpn", 6, min_size=256)``."""
+    """One of ``DETECTORS`` by name, e.g. ``build_detector("maskrcnn_resnet18_fpn", 6, min_size=256)`` or
+    ``build_detector("sprnet_soft_tiny_fpn", 6, weights_backbone="soft_tiny.pth")``."""
     if name not in DETECTORS:
         raise EffdlError(f"unknown model {name!r}; choose one of {', '.join(DETECTORS)}")
     return DETECTORS[name](num_classes=num_classes, **kwargs)
