@@ -51,12 +51,12 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def add_commands(verbs: argparse._SubParsersAction) -> None:
-    from effdl.sprnet.model import BACKBONES, DETECTORS
+    from effdl.sprnet.model import ALL_BACKBONES, BACKBONES, DETECTORS
     from effdl.sprnet.pretrain import pretrain_backbone
     from effdl.sprnet.train import DetectionTrainConfig, predict_image
 
     d = config_defaults(DetectionTrainConfig)
-    backbones = " or ".join(BACKBONES)
+    backbones = ", ".join(ALL_BACKBONES)
     train = verbs.add_parser("train", help="train SPRNet, Mask R-CNN or RetinaNet; COCO box/mask AP every epoch")
     train.add_argument("--model", help=f"{', '.join(DETECTORS)}, or maskrcnn / retinanet on --backbone "
                                        f"(default {d['model']})")
@@ -72,7 +72,8 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--max-size", dest="max_size", type=int, help=f"longer side at most (default {d['max_size']})")
     train.add_argument("--smallest-anchor", dest="smallest_anchor", type=int,
                        help=f"P3 anchor px (default {d['smallest_anchor']})")
-    train.add_argument("--weights-backbone", dest="weights_backbone", help="local torchvision ResNet state dict")
+    train.add_argument("--weights-backbone", dest="weights_backbone",
+                       help="local torchvision ResNet state dict, or a SOFT checkpoint for soft_* backbones")
     train.add_argument("--eval-every", dest="eval_every", type=int,
                        help=f"epochs between validation passes (default {d['eval_every']})")
     train.add_argument("--eval-images", dest="eval_images", type=int,
@@ -102,7 +103,8 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
     pretrain.add_argument("--split", help=f"(default {d['train_split']})")
     pretrain.add_argument("--shapes-images", dest="shapes_train_images", type=int, default=d["shapes_train_images"],
                           help="synthetic training images (default %(default)s)")
-    pretrain.add_argument("--backbone", default=pre["backbone"].default, help=f"{backbones} (default %(default)s)")
+    pretrain.add_argument("--backbone", default=pre["backbone"].default,
+                          help=f"{' or '.join(BACKBONES)} (default %(default)s)")
     pretrain.add_argument("--steps", type=int, default=pre["steps"].default,
                           help=f"batches of {pre['batch_size'].default} crops (default %(default)s)")
     pretrain.add_argument("--out", type=Path, help="(default runs/backbone-BACKBONE.pth)")

@@ -220,6 +220,7 @@ def _check_targets(images: list[Tensor], targets: Targets | None) -> None:
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18, "resnet50": resnet50}
 SOFT_BACKBONES = tuple(SOFT_MODELS)  # soft_tiny ... soft_huge, soft_norm_tiny ... (timm names, see effdl.soft)
+ALL_BACKBONES = (*BACKBONES, *SOFT_BACKBONES)
 LAYERS = [1, 2, 3, 4]  # ResNet's layer k and SOFT's stage k - 1 both have stride 2 ** (k + 1): 4, 8, 16, 32
 
 
@@ -335,7 +336,7 @@ def fpn_backbone(name: str, weights_backbone: str | Path | None = None, **kwargs
         return soft_fpn(name, weights_backbone, **kwargs)
     if name in BACKBONES:
         return resnet_fpn(name, weights_backbone, **kwargs)
-    raise EffdlError(f"unknown backbone {name!r}; choose one of {', '.join((*BACKBONES, *SOFT_BACKBONES))}")
+    raise EffdlError(f"unknown backbone {name!r}; choose one of {', '.join(ALL_BACKBONES)}")
 
 
 def _check_padding(backbone_name: str, kwargs: dict[str, Any]) -> None:

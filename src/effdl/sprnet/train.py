@@ -24,7 +24,7 @@ from effdl.core.device import autocast_for, resolve_device
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
 from effdl.sprnet.evaluate import draw_overlay, evaluate_model, save_overlay
-from effdl.sprnet.model import BACKBONES, DETECTORS, build_detector
+from effdl.sprnet.model import ALL_BACKBONES, DETECTORS, build_detector
 from effdl.train.batches import EpochOrder
 from effdl.train.checkpoint import latest_checkpoint, read_trainer_state, read_weights, saved_config
 from effdl.train.loop import LoopConfig, TrainResult, TrainTask, fit
@@ -56,7 +56,7 @@ class DetectionTrainConfig:
     min_lr_ratio: float = 0.05
     grad_clip: float = 10.0  # the paper clips gradients; 10 only stops rare spikes
     hflip_prob: float = 0.5
-    weights_backbone: str | None = None  # a local torchvision ResNet state dict
+    weights_backbone: str | None = None  # a local torchvision ResNet state dict, or a SOFT checkpoint
     # Mask R-CNN only: RoIs sampled per image for its box/mask heads (torchvision: 512). On small images with few
     # objects 128 loses nothing and makes its CPU training ~3x cheaper (RoIAlign's backward dominates).
     maskrcnn_rois_per_image: int = 512
@@ -69,8 +69,8 @@ class DetectionTrainConfig:
 
     def __post_init__(self) -> None:
         if self.model in ("maskrcnn", "retinanet"):
-            if self.backbone not in BACKBONES:
-                raise EffdlError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
+            if self.backbone not in ALL_BACKBONES:
+                raise EffdlError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(ALL_BACKBONES)}")
             self.model = f"{self.model}_{self.backbone}_fpn"
         if self.model not in DETECTORS:
             raise EffdlError(f"unknown model {self.model!r}; choose maskrcnn, retinanet or one of "
