@@ -67,7 +67,9 @@ def plot(name: str = "sprnet_soft_backbone") -> None:
         label = (f"SPRNet {NAMES.get(backbone, backbone)}-FPN (box AP {100 * metrics['bbox']['AP']:.1f}, "
                  f"mask AP {100 * metrics['segm']['AP']:.1f})")
         series[label] = (sizes, [1e3 * results["latency_s"][str(s)][model] for s in sizes])
-    line_plot(RESULTS / f"{name}.png", series, title=results["title"].split("; ")[0],
+    args = results["args"]
+    title = f"SPRNet from scratch, {args['steps']} steps x {args['batch_size']} at {args['image_size']} px: latency"
+    line_plot(RESULTS / f"{name}.png", series, title=title,
               xlabel="image size (px, shorter side)",
               ylabel=f"median latency per image (ms, {results['args']['device']})")
 
