@@ -3,6 +3,7 @@
 import pytest
 import timm
 import torch
+from box_targets import box_target
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from effdl.errors import EffdlError
@@ -24,20 +25,13 @@ def _detector(family: str, backbone: str = "soft_tiny", **kwargs) -> torch.nn.Mo
     return build_detector(f"{family}_{backbone}_fpn", 3, smallest_anchor=16, **kwargs)
 
 
-def _target(boxes: list[list[float]], labels: list[int], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    masks = torch.zeros(len(boxes), *size, dtype=torch.uint8)
-    for m, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
-        m[int(y0):int(y1), int(x0):int(x1)] = 1
-    return {"boxes": torch.tensor(boxes, dtype=torch.float).reshape(-1, 4), "labels": torch.tensor(labels).long(),
-            "masks": masks}
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_detector_on_soft_trains_and_detects_in_the_torchvision_format(family):
     torch.manual_seed(0)
     model = _detector(family, min_size=64, max_size=96)
     images = [torch.rand(3, 64, 96), torch.rand(3, 96, 64)]
-    targets = [_target([[8, 10, 40, 50], [50, 4, 90, 30]], [1, 2], (64, 96)), _target([[5, 20, 60, 90]], [2], (96, 64))]
+    targets = [box_target([[8, 10, 40, 50], [50, 4, 90, 30]], [1, 2], (64, 96)),
+               box_target([[5, 20, 60, 90]], [2], (96, 64))]
     losses = model.train()(images, targets)
     assert ("loss_mask" in losses) == (family != "retinanet")
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
@@ -93,7 +87,7 @@ def test_weights_backbone_loads_a_soft_checkpoint_with_frozen_batch_norm(tmp_pat
 
 def test_images_not_divisible_by_32_are_padded_by_the_transform():
     torch.manual_seed(0)
-    image, target = torch.rand(3, 70, 90), _target([[10, 12, 50, 60]], [1], (70, 90))
+    image, target = torch.rand(3, 70, 90), box_target([[10, 12, 50, 60]], [1], (70, 90))
     with pytest.raises(EffdlError, match="multiple of 32"):  # the backbone alone refuses 70 x 90
         soft_fpn("soft_tiny")(image[None])
     for family in FAMILIES:

@@ -5,6 +5,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from box_targets import box_target
 from PIL import Image, ImageDraw
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork, box_iou
@@ -14,14 +15,6 @@ from effdl.errors import EffdlError
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import GatedFPN
 from effdl.sprnet.spr_head import conv_at, deconv2x2, location_coords, mask_positives
-
-
-def _target(boxes: list[list[float]], labels: list[int], size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    masks = torch.zeros(len(boxes), *size, dtype=torch.uint8)
-    for m, (x0, y0, x1, y1) in zip(masks, boxes, strict=True):
-        m[int(y0):int(y1), int(x0):int(x1)] = 1
-    return {"boxes": torch.tensor(boxes, dtype=torch.float).reshape(-1, 4), "labels": torch.tensor(labels).long(),
-            "masks": masks}
 
 
 @pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (3, 2), (3, 4), (3, 6)])
@@ -105,7 +98,7 @@ def test_gated_fpn_with_open_gates_equals_torchvision_fpn():
 def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes():
     torch.manual_seed(0)
     images = [torch.rand(3, 96, 128), torch.rand(3, 128, 80)]
-    targets = [_target([[10, 20, 60, 70], [70, 5, 120, 40]], [1, 2], (96, 128)), _target([], [], (128, 80))]
+    targets = [box_target([[10, 20, 60, 70], [70, 5, 120, 40]], [1, 2], (96, 128)), box_target([], [], (128, 80))]
     sprnet = build_detector("sprnet_resnet18_fpn", 3, min_size=96, max_size=128, score_thresh=0.0)
     maskrcnn = build_detector("maskrcnn_resnet18_fpn", 3, min_size=96, max_size=128, box_score_thresh=0.0)
     for model in (sprnet, maskrcnn):
@@ -200,9 +193,9 @@ def test_overfitting_one_small_batch_reaches_high_mask_iou():
 def test_bad_training_targets_get_clear_errors():
     model = build_detector("sprnet_resnet18_fpn", 3).train()
     image = torch.rand(3, 64, 64)
-    degenerate = _target([[10, 10, 30, 40], [20, 20, 20, 30]], [1, 2], (64, 64))
+    degenerate = box_target([[10, 10, 30, 40], [20, 20, 20, 30]], [1, 2], (64, 64))
     with pytest.raises(ValueError, match=r"invalid box \[20.0, 20.0, 20.0, 30.0\] for target at index 1"):
-        model([image, image], [_target([], [], (64, 64)), degenerate])
+        model([image, image], [box_target([], [], (64, 64)), degenerate])
     no_masks = {k: v for k, v in degenerate.items() if k != "masks"}
     with pytest.raises(ValueError, match="target 0: 'masks' must be"):
         model([image], [no_masks])
@@ -216,7 +209,7 @@ def test_bf16_autocast_trains_and_detects():
     """The GPU trainer runs under bf16 autocast; CPU autocast exercises the same dtype paths."""
     torch.manual_seed(0)
     model = build_detector("sprnet_resnet18_fpn", 3, min_size=64, max_size=64, score_thresh=0.0)
-    image, target = torch.rand(3, 64, 64), _target([[10, 10, 40, 40]], [1], (64, 64))
+    image, target = torch.rand(3, 64, 64), box_target([[10, 10, 40, 40]], [1], (64, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model.train()([image], [target])
         sum(losses.values()).backward()
