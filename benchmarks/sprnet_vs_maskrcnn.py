@@ -1,19 +1,24 @@
-"""SPRNet vs torchvision Mask R-CNN and RetinaNet: same backbone, data and schedule; COCO AP and latency.
+"""SPRNet vs torchvision Mask R-CNN and RetinaNet trained to Mask R-CNN's plateau: COCO AP curves, ablations, latency.
 
-    python benchmarks/sprnet_vs_maskrcnn.py [--data shapes|COCO_DIR] [--epochs 8] [--train-images 1000]
-                                            [--backbone resnet18] [--latency-sizes 128 512] [--repeat 40]
-    python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNG from results/sprnet_vs_maskrcnn.json
+    python benchmarks/sprnet_vs_maskrcnn.py [--runs maskrcnn retinanet sprnet_fcos ...] [--epochs 10]
+                                            [--image-size 96] [--train-images 400] [--latency-sizes 128 512]
+    python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNGs from results/sprnet_vs_maskrcnn.json
 
-All three start from the same backbone, pretrained by classifying the
-training split's object crops (``--pretrain-steps``; the stand-in for the
-ImageNet weights the paper uses, which cannot be downloaded here), and train
-with one recipe (``effdl.sprnet.train``; a rerun
-resumes any run of the identical config left in ``runs/bench-sprnet``), scores
-COCO box and mask AP on the validation split, then times inference with the
-trained weights: batch 1, eval mode, the same image size and score threshold
-(0.05) for all, validation images in turn, the models interleaved, median of
-``--repeat`` images. ``--latency-sizes`` resizes the same images (the models'
-transform) to show how the gap grows with resolution.
+Every run uses one recipe (``effdl.sprnet.train``) and the same data, epochs and starting backbone: a ResNet-18
+pretrained by classifying the training split's object crops (``--pretrain-steps``; the stand-in for the ImageNet
+weights the paper uses, which cannot be downloaded here). A rerun reuses or resumes every run of the identical
+config left in ``runs/bench-sprnet``, so the runs can also be trained one by one (``--runs``), in parallel
+processes, and the report drawn once all exist.
+
+Runs (``RUNS``): Mask R-CNN and RetinaNet (torchvision, the baselines), SPRNet as the paper builds it (SPR on
+RetinaNet), SPR on FCOS, its training ablations (class-agnostic masks, 64 x 64 masks), and SPR-FCOS and
+RetinaNet trained from scratch. The inference-time options (mask scoring, box refinement from the mask, the
+score cap on mask decoding) are ablated on the trained SPR checkpoints. The plateau test: Mask R-CNN's mask AP
+gains less than 1 point over the last quarter of its run.
+
+Latency: the trained weights, batch 1, eval mode, detection score threshold 0.05 for all, validation images in
+turn, the models interleaved, median of ``--repeat`` images, at each ``--latency-sizes`` (the models' transform
+resizes the same images).
 """
 
 from __future__ import annotations
@@ -21,22 +26,49 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 from pathlib import Path
 
 import torch
 from harness import RESULTS, add_plot_only, load_results, report, resumable_checkpoint, time_interleaved
 
 from effdl.report import line_plot
+from effdl.sprnet.evaluate import METRIC_NAMES
 from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
-from effdl.sprnet.train import TRAINER, DetectionTrainConfig, load_dataset, load_detector, train_detector
+from effdl.sprnet.train import (
+    TRAINER,
+    DetectionTrainConfig,
+    evaluate,
+    load_dataset,
+    load_detector,
+    train_detector,
+)
 
-MODELS = ("sprnet", "maskrcnn", "retinanet")  # the baselines on the same --backbone
+# run name -> (model family, training options, pretrained backbone?)
+RUNS: dict[str, tuple[str, dict, bool]] = {
+    "maskrcnn": ("maskrcnn", {}, True),
+    "retinanet": ("retinanet", {}, True),
+    "sprnet": ("sprnet", {}, True),  # the paper's SPRNet: SPR on RetinaNet
+    "sprnet_fcos": ("sprnet_fcos", {}, True),
+    "sprnet_fcos-agnostic": ("sprnet_fcos", {"class_agnostic_masks": True}, True),
+    "sprnet_fcos-mask64": ("sprnet_fcos", {"mask_size": 64}, True),
+    "retinanet-scratch": ("retinanet", {}, False),
+    "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
+}
+# inference-time options, evaluated on every trained SPR run without retraining
+INFERENCE_OPTIONS: dict[str, dict] = {
+    "": {},
+    "+ mask scoring": {"mask_scoring": True},
+    "+ box refinement": {"refine_boxes": True},
+    "+ both": {"mask_scoring": True, "refine_boxes": True},
+}
+LATENCY_RUNS = ("maskrcnn", "retinanet", "sprnet", "sprnet_fcos")
+LABELS = {"maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet", "sprnet": "SPRNet (RetinaNet, paper)",
+          "sprnet_fcos": "SPRNet-FCOS"}
 
 
-def pretrained_backbone(args: argparse.Namespace) -> str | None:
-    """The backbone all three detectors start from (the ImageNet stand-in, see ``effdl.sprnet.pretrain``), cached."""
-    if args.pretrain_steps == 0:
-        return None
+def pretrained_backbone(args: argparse.Namespace) -> str:
+    """The backbone every run starts from (the ImageNet stand-in, see ``effdl.sprnet.pretrain``), cached."""
     path = Path("runs/bench-sprnet") / (f"backbone-{args.backbone}-{args.data.replace('/', '_')}-{args.image_size}px-"
                                         f"{args.train_images}-{args.pretrain_steps}steps.pth")
     if not path.is_file():
@@ -48,39 +80,49 @@ def pretrained_backbone(args: argparse.Namespace) -> str | None:
     return str(path)
 
 
-def train_all(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, list[dict]]]:
-    """Train (or resume) each model with the same config apart from the model; final checkpoints and histories."""
-    checkpoints, histories = {}, {}
-    weights_backbone = pretrained_backbone(args)
-    for name in MODELS:
-        cfg = DetectionTrainConfig(model=f"sprnet_{args.backbone}_fpn" if name == "sprnet" else name,
-                                   backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
-                                   shapes_val_images=args.val_images, shapes_image_size=args.image_size,
-                                   min_size=args.image_size, max_size=args.image_size, epochs=args.epochs,
-                                   batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
-                                   maskrcnn_rois_per_image=args.maskrcnn_rois, weights_backbone=weights_backbone,
-                                   out_dir=f"runs/bench-sprnet/{name}")
-        resume = resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg))
-        result = train_detector(cfg, resume=resume)
-        checkpoints[cfg.model], histories[cfg.model] = result.checkpoint or resume, result.evals
-    return checkpoints, histories
+def run_config(args: argparse.Namespace, run: str) -> DetectionTrainConfig:
+    """One run's config: everything but the model, its options and its start is shared by all runs."""
+    family, options, pretrained = RUNS[run]
+    model = f"{family}_{args.backbone}_fpn"
+    return DetectionTrainConfig(
+        model=model, backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
+        shapes_val_images=args.val_images, shapes_image_size=args.image_size, min_size=args.image_size,
+        max_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        eval_every=args.eval_every, maskrcnn_rois_per_image=args.maskrcnn_rois, model_options=options,
+        weights_backbone=pretrained_backbone(args) if pretrained else None,
+        out_dir=f"runs/bench-sprnet/{model if run == family else run.replace(family, model, 1)}")
+
+
+def train(cfg: DetectionTrainConfig) -> tuple[Path, list[dict]]:
+    """Train (or resume, or reuse the finished run of) ``cfg``; its final checkpoint and evaluation history."""
+    resume = resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg))
+    result = train_detector(cfg, resume=resume)
+    return result.checkpoint or resume, result.evals
+
+
+def evaluate_options(checkpoint: Path, options: dict) -> dict[str, dict[str, float]]:
+    """COCO AP of a trained SPR checkpoint with inference ``options`` on top of its training options."""
+    model, cfg, _ = load_detector(checkpoint, device="cpu")
+    for name, value in options.items():
+        setattr(model, name, value)
+    return evaluate(model, load_dataset(cfg, cfg.val_split), cfg, torch.device("cpu"))
 
 
 def latency(checkpoints: dict[str, Path], sizes: list[int], repeat: int, device: str) -> dict[int, dict[str, float]]:
-    """Median seconds per image at each size, per model (trained weights, batch 1, eval mode)."""
-    loaded = {name: load_detector(path, device=device) for name, path in checkpoints.items()}
-    models = {name: model for name, (model, _, _) in loaded.items()}
+    """Median seconds per image at each size, per run (trained weights, batch 1, eval mode)."""
+    loaded = {run: load_detector(path, device=device) for run, path in checkpoints.items()}
+    models = {run: model for run, (model, _, _) in loaded.items()}
     cfg = next(iter(loaded.values()))[1]
     val = load_dataset(cfg, cfg.val_split)
     images = [val[i][0].to(device) for i in range(min(len(val), repeat))]
     medians = {}
     for size in sizes:
         calls = {}
-        for name, model in models.items():
+        for run, model in models.items():
             model.transform.min_size, model.transform.max_size = (size,), size
-            calls[name] = _forward_in_turn(model, images)
+            calls[run] = _forward_in_turn(model, images)
         timings = time_interleaved(calls, warmup=2, repeat=repeat)
-        medians[size] = {name: t.median_s for name, t in timings.items()}
+        medians[size] = {run: t.median_s for run, t in timings.items()}
     return medians
 
 
@@ -94,38 +136,84 @@ def _forward_in_turn(model: torch.nn.Module, images: list[torch.Tensor]):
     return forward
 
 
+def plateau_gain(history: list[dict], kind: str = "segm") -> float:
+    """AP points gained over the last quarter of a run: final AP minus the AP at (or just before) 3/4 of it."""
+    epochs = [h["epoch"] for h in history]
+    quarter = max(e for e in epochs if e <= 0.75 * epochs[-1])
+    at = {h["epoch"]: 100 * h["metrics"][kind]["AP"] for h in history}
+    return at[epochs[-1]] - at[quarter]
+
+
+def _cells(metrics: dict[str, dict[str, float]], kind: str) -> list[str]:
+    values = metrics.get(kind)
+    if values is None:
+        return ["-"] * len(METRIC_NAMES)
+    return ["-" if math.isnan(values[m]) or values[m] < 0 else f"{100 * values[m]:.1f}" for m in METRIC_NAMES]
+
+
 def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
-    """Draw sprnet_vs_maskrcnn.png, AP against latency at the first latency size, from the results JSON."""
+    """sprnet_vs_maskrcnn.png: validation AP per epoch (mask AP; box AP for RetinaNet) for the main runs."""
     results = load_results(path)
-    args, size = results["args"], results["args"]["latency_sizes"][0]
-    names = {"sprnet": "SPRNet", "maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet"}
-    backbone = args["backbone"].replace("resnet", "R")
-    points = {}
-    for model, metrics in results["metrics"].items():  # mask AP; box AP for RetinaNet, which has no masks
-        kind = "segm" if "segm" in metrics else "bbox"
-        label = f"{names[model.split('_')[0]]} {backbone} ({'mask' if kind == 'segm' else 'box'} AP)"
-        points[label] = ([1e3 * results["latency_s"][str(size)][model]], [100 * metrics[kind]["AP"]])
-    line_plot(RESULTS / "sprnet_vs_maskrcnn.png", points,
-              title=f"AP vs latency at {size} px, batch 1 (up and left is better)",
-              xlabel=f"median latency per image (ms, {args['device']})", ylabel="COCO AP on validation (%)")
+    curves = {}
+    for run, history in results["history"].items():
+        if run not in LABELS:
+            continue
+        kind = "segm" if "segm" in history[-1]["metrics"] else "bbox"
+        curves[f"{LABELS[run]} ({'mask' if kind == 'segm' else 'box'} AP)"] = (
+            [h["epoch"] for h in history], [100 * h["metrics"][kind]["AP"] for h in history])
+        if kind == "segm":
+            curves[f"{LABELS[run]} (box AP)"] = ([h["epoch"] for h in history],
+                                                 [100 * h["metrics"]["bbox"]["AP"] for h in history])
+    args = results["args"]
+    line_plot(RESULTS / "sprnet_vs_maskrcnn.png", curves,
+              title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, same recipe: AP per epoch",
+              xlabel="epoch", ylabel="COCO AP on validation (%)")
+
+
+def targets(metrics: dict, seconds: dict, sizes: list[int], final: str) -> list[tuple[str, str, str]]:
+    """The issue's targets at equal epochs, each with its measurement and met / missed."""
+    spr, mrcnn, retina = metrics[final], metrics["maskrcnn"], metrics["retinanet"]
+    rows = []
+    gap = 100 * (spr["segm"]["AP"] - mrcnn["segm"]["AP"])
+    rows.append(("mask AP >= Mask R-CNN - 1.5", f"{100 * spr['segm']['AP']:.1f} vs {100 * mrcnn['segm']['AP']:.1f} "
+                 f"({gap:+.1f})", "met" if gap >= -1.5 else "missed"))
+    scales = [m for m in ("AP", "APs", "APm", "APl") if retina["bbox"][m] >= 0 and not math.isnan(retina["bbox"][m])]
+    worst = min(100 * (spr["bbox"][m] - retina["bbox"][m]) for m in scales)
+    rows.append(("box AP >= RetinaNet at every scale", ", ".join(
+        f"{m} {100 * spr['bbox'][m]:.1f}/{100 * retina['bbox'][m]:.1f}" for m in scales),
+        "met" if worst >= 0 else "missed"))
+    for size in sizes:
+        vs_mrcnn = seconds[size][final] / seconds[size]["maskrcnn"]
+        vs_retina = seconds[size][final] / seconds[size]["retinanet"]
+        rows.append((f"latency @{size}px <= 0.6x Mask R-CNN, <= 1.25x RetinaNet",
+                     f"{vs_mrcnn:.2f}x, {vs_retina:.2f}x",
+                     "met" if vs_mrcnn <= 0.6 and vs_retina <= 1.25 else "missed"))
+    if "sprnet_fcos-scratch" in metrics and "retinanet-scratch" in metrics:
+        ours, theirs = (100 * metrics[r]["bbox"]["AP"] for r in ("sprnet_fcos-scratch", "retinanet-scratch"))
+        rows.append(("from scratch: box AP >= RetinaNet's", f"{ours:.1f} vs {theirs:.1f}",
+                     "met" if ours >= theirs else "missed"))
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--train-only", action="store_true", help="train --runs, then stop (no report)")
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
-    parser.add_argument("--train-images", type=int, default=1000, help="synthetic shapes only")
-    parser.add_argument("--val-images", type=int, default=200, help="synthetic shapes only")
-    parser.add_argument("--image-size", type=int, default=128, help="training / evaluation size")
-    parser.add_argument("--epochs", type=float, default=8.0)
+    parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
+    parser.add_argument("--val-images", type=int, default=100, help="synthetic shapes only")
+    parser.add_argument("--image-size", type=int, default=96, help="training / evaluation size")
+    parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300,
-                        help="crop-classification steps that pretrain the shared backbone (0: from scratch)")
-    parser.add_argument("--eval-every", type=int, default=2, help="epochs between validation passes")
-    parser.add_argument("--maskrcnn-rois", type=int, default=512, help="Mask R-CNN RoIs sampled per image in training")
+                        help="crop-classification steps that pretrain the shared backbone")
+    parser.add_argument("--eval-every", type=int, default=1, help="epochs between validation passes")
+    parser.add_argument("--maskrcnn-rois", type=int, default=64,
+                        help="Mask R-CNN RoIs sampled per image in training (torchvision: 512)")
     parser.add_argument("--latency-sizes", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--repeat", type=int, default=40, help="timed images per model and size")
+    parser.add_argument("--repeat", type=int, default=30, help="timed images per model and size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_plot_only(parser)
     args = parser.parse_args()
@@ -133,28 +221,33 @@ def main() -> None:
         plot()
         return
 
-    checkpoints, histories = train_all(args)
-    metrics = {name: history[-1]["metrics"] for name, history in histories.items()}
-    seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)
+    checkpoints, histories = {}, {}
+    for run in args.runs:
+        checkpoints[run], histories[run] = train(run_config(args, run))
+    if args.train_only:
+        return
+    metrics = {run: history[-1]["metrics"] for run, history in histories.items()}
 
-    spr, mrcnn, retina = checkpoints
-    rows = []
-    for name in checkpoints:
-        box, mask = metrics[name]["bbox"], metrics[name].get("segm")
-        mask_ap = ("-", "-") if mask is None else (f"{100 * mask['AP']:.1f}", f"{100 * mask['AP50']:.1f}")
-        rows.append((name, f"{100 * box['AP']:.1f}", f"{100 * box['AP50']:.1f}", *mask_ap,
-                     *(f"{1e3 * seconds[s][name]:.0f}" for s in args.latency_sizes)))
-    ratio_rows = [(f"{s}px", f"{seconds[s][spr] / seconds[s][mrcnn]:.2f}x",
-                   f"{seconds[s][spr] / seconds[s][retina]:.2f}x") for s in args.latency_sizes]
-    start = f"pretrained ({args.pretrain_steps} crop steps)" if args.pretrain_steps else "from scratch"
-    title = (f"{args.data} ({args.image_size}px), {args.backbone}-FPN {start}, {args.epochs:g} epochs, same recipe; "
-             f"latency batch 1 on {args.device}")
-    report("sprnet_vs_maskrcnn", title,
-           ["model", "box AP", "box AP50", "mask AP", "mask AP50", *(f"ms @{s}px" for s in args.latency_sizes)],
-           rows, extra={"args": vars(args), "metrics": metrics, "latency_s": seconds,
-                        "history": histories})
-    report("sprnet_latency_ratios", "SPRNet latency relative to the baselines (targets: <= 0.6x Mask R-CNN, "
-           "<= 1.25x RetinaNet)", ["size", "SPRNet / Mask R-CNN", "SPRNet / RetinaNet"], ratio_rows)
+    ablation = {}
+    for run in (r for r in args.runs if RUNS[r][0].startswith("sprnet")):
+        for label, options in INFERENCE_OPTIONS.items():
+            ablation[f"{run} {label}".strip()] = metrics[run] if not options else evaluate_options(
+                checkpoints[run], options)
+    seconds = latency({r: checkpoints[r] for r in LATENCY_RUNS}, args.latency_sizes, args.repeat, args.device)
+
+    columns = ["run", *(f"box {m}" for m in METRIC_NAMES), *(f"mask {m}" for m in METRIC_NAMES)]
+    title = (f"{args.data} ({args.image_size}px), {args.backbone}-FPN, {args.epochs:g} epochs, same recipe; "
+             f"Mask R-CNN's mask AP gained {plateau_gain(histories['maskrcnn']):.1f} points over its last quarter")
+    rows = [(name, *_cells(m, "bbox"), *_cells(m, "segm")) for name, m in {**metrics, **ablation}.items()]
+    report("sprnet_vs_maskrcnn", title, columns, rows,
+           extra={"args": vars(args), "metrics": metrics, "ablation": ablation, "latency_s": seconds,
+                  "history": histories})
+    final = "sprnet_fcos"
+    report("sprnet_latency", f"median latency per image, batch 1 on {args.device} (ms)",
+           ["run", *(f"@{s}px" for s in args.latency_sizes)],
+           [(r, *(f"{1e3 * seconds[s][r]:.1f}" for s in args.latency_sizes)) for r in LATENCY_RUNS])
+    report("sprnet_targets", f"{LABELS[final]} against the issue's targets", ["target", "measured", ""],
+           targets(metrics, seconds, args.latency_sizes, final))
     plot()
 
 

@@ -95,11 +95,19 @@ def test_gated_fpn_with_open_gates_equals_torchvision_fpn():
     assert not torch.allclose(gated(x)["a"], plain(x)["a"])
 
 
-def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes():
+SPR_MODELS = ("sprnet_resnet18_fpn", "sprnet_fcos_resnet18_fpn")  # SPR on RetinaNet (the paper's) and on FCOS
+
+
+def _anchor_kwargs(name: str, smallest_anchor: int = 16) -> dict[str, int]:
+    return {} if "fcos" in name else {"smallest_anchor": smallest_anchor}
+
+
+@pytest.mark.parametrize("name", SPR_MODELS)
+def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes(name):
     torch.manual_seed(0)
     images = [torch.rand(3, 96, 128), torch.rand(3, 128, 80)]
     targets = [box_target([[10, 20, 60, 70], [70, 5, 120, 40]], [1, 2], (96, 128)), box_target([], [], (128, 80))]
-    sprnet = build_detector("sprnet_resnet18_fpn", 3, min_size=96, max_size=128, score_thresh=0.0)
+    sprnet = build_detector(name, 3, min_size=96, max_size=128, score_thresh=0.0)
     maskrcnn = build_detector("maskrcnn_resnet18_fpn", 3, min_size=96, max_size=128, box_score_thresh=0.0)
     for model in (sprnet, maskrcnn):
         losses = model.train()(images, targets)
@@ -119,13 +127,16 @@ def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes():
         assert (a["labels"] > 0).all() or len(a["labels"]) == 0
 
 
-def test_each_mask_is_decoded_at_its_own_detections_anchor_location():
+@pytest.mark.parametrize("name", SPR_MODELS)
+def test_each_mask_is_decoded_at_its_own_detections_anchor_location(name):
     torch.manual_seed(0)
-    model = build_detector("sprnet_resnet18_fpn", 3, min_size=128, max_size=128, smallest_anchor=16,
-                           score_thresh=0.0, detections_per_img=50).eval()
+    model = build_detector(name, 3, min_size=128, max_size=128, score_thresh=0.0, detections_per_img=50,
+                           **_anchor_kwargs(name)).eval()
     regression = model.head.regression_head.bbox_reg
     torch.nn.init.zeros_(regression.weight)
-    torch.nn.init.zeros_(regression.bias)  # every detection's box is then its anchor, clipped to the image
+    # Every detection's box is then its anchor, clipped to the image: RetinaNet's offsets are 0, FCOS's distances
+    # to the sides are half the location's square.
+    torch.nn.init.constant_(regression.bias, 0.5 if "fcos" in name else 0.0)
     calls = []
     model.mask_head.register_forward_hook(lambda module, args, out: calls.append(args[1:]))
     images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
@@ -165,10 +176,11 @@ def _shape_sample(seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
                    "masks": torch.stack(masks).to(torch.uint8)}
 
 
-def test_overfitting_one_small_batch_reaches_high_mask_iou():
+@pytest.mark.parametrize("name", SPR_MODELS)
+def test_overfitting_one_small_batch_reaches_high_mask_iou(name):
     torch.manual_seed(0)
     images, targets = zip(*(_shape_sample(seed) for seed in (0, 1)), strict=True)
-    model = build_detector("sprnet_resnet18_fpn", 3, min_size=96, max_size=96, smallest_anchor=16)
+    model = build_detector(name, 3, min_size=96, max_size=96, **_anchor_kwargs(name))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
     # Decayed to zero, as in real training: at a constant rate the end point swings by +-0.15 mask IoU between steps.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 100)
@@ -190,8 +202,9 @@ def test_overfitting_one_small_batch_reaches_high_mask_iou():
             assert iou > 0.8, f"mask IoU {iou:.3f} for class {label}"
 
 
-def test_bad_training_targets_get_clear_errors():
-    model = build_detector("sprnet_resnet18_fpn", 3).train()
+@pytest.mark.parametrize("name", SPR_MODELS)
+def test_bad_training_targets_get_clear_errors(name):
+    model = build_detector(name, 3).train()
     image = torch.rand(3, 64, 64)
     degenerate = box_target([[10, 10, 30, 40], [20, 20, 20, 30]], [1, 2], (64, 64))
     with pytest.raises(ValueError, match=r"invalid box \[20.0, 20.0, 20.0, 30.0\] for target at index 1"):
@@ -205,10 +218,11 @@ def test_bad_training_targets_get_clear_errors():
         build_detector("sprnet_vgg", 3)
 
 
-def test_bf16_autocast_trains_and_detects():
+@pytest.mark.parametrize("name", SPR_MODELS)
+def test_bf16_autocast_trains_and_detects(name):
     """The GPU trainer runs under bf16 autocast; CPU autocast exercises the same dtype paths."""
     torch.manual_seed(0)
-    model = build_detector("sprnet_resnet18_fpn", 3, min_size=64, max_size=64, score_thresh=0.0)
+    model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0)
     image, target = torch.rand(3, 64, 64), box_target([[10, 10, 40, 40]], [1], (64, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model.train()([image], [target])

@@ -62,9 +62,13 @@ def effdl(*args):
 def test_cli_train_eval_predict(shapes, tmp_path):
     run = tmp_path / "run"
     out = effdl("train", "--data", str(shapes), "--epochs", "1", "--min-size", "64", "--max-size", "64",
-                "--out", str(run))
+                "--out", str(run), "--model", "sprnet_fcos_resnet18_fpn", "--model-option", "class_agnostic_masks=true",
+                "--model-option", "mask_size=16")
     assert out.returncode == 0, out.stderr
     assert "segm" in out.stdout and "bbox" in out.stdout
+    model, cfg, _ = load_detector(run, device="cpu")
+    assert cfg.model_options == {"class_agnostic_masks": True, "mask_size": 16}
+    assert model.class_agnostic_masks and model.mask_head.mask_size == 16
     out = effdl("eval", "--checkpoint", str(run))
     assert out.returncode == 0, out.stderr
     assert "AP50" in out.stdout and "segm" in out.stdout
@@ -92,3 +96,10 @@ def test_a_data_error_stops_training_before_the_first_step(shapes, tmp_path):
     assert not (tmp_path / "run").exists()
     with pytest.raises(EffdlError, match="unknown model 'maskrcnn_vgg'"):
         _config(root, tmp_path, model="maskrcnn_vgg")
+    with pytest.raises(EffdlError, match="unknown model option 'mask_sise' for sprnet_fcos_resnet18_fpn; it takes "
+                                         "center_sampling_radius, class_agnostic_masks"):
+        _config(root, tmp_path, model="sprnet_fcos_resnet18_fpn", model_options={"mask_sise": 64})
+    with pytest.raises(EffdlError, match="'min_size' is set by the config itself"):
+        _config(root, tmp_path, model_options={"min_size": 64})
+    out = effdl("train", "--data", str(root), "--model-option", "mask_size")
+    assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr

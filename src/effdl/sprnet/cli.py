@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 from pathlib import Path
+from typing import Any
 
 from effdl.train.options import add_epoch_options, config_defaults, given_options
 
@@ -17,9 +19,22 @@ def _train(args: argparse.Namespace) -> None:
 
     saved = saved_detection_config(args.resume) if args.resume else {}
     given = given_options(args, DetectionTrainConfig)
+    if args.model_options:
+        given["model_options"] = {**saved.get("model_options", {}), **dict(args.model_options)}
     result = train_detector(DetectionTrainConfig(**{**saved, **given}), resume=args.resume)
     print_table(f"{result.evals[-1]['epoch']:g} epochs, checkpoint {result.checkpoint}", ["IoU", *METRIC_NAMES],
                 format_metrics(result.metrics))
+
+
+def _model_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a JSON value (``64``, ``true``, ``0.3``), else the string itself."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -74,6 +89,9 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
                        help=f"P3 anchor px (default {d['smallest_anchor']})")
     train.add_argument("--weights-backbone", dest="weights_backbone",
                        help="local torchvision ResNet state dict, or a SOFT checkpoint for soft_* backbones")
+    train.add_argument("--model-option", dest="model_options", action="append", type=_model_option,
+                       metavar="KEY=VALUE", help="a model keyword, e.g. mask_size=64, class_agnostic_masks=true, "
+                                                 "score_thresh=0.1 (JSON values; repeat for more)")
     train.add_argument("--eval-every", dest="eval_every", type=int,
                        help=f"epochs between validation passes (default {d['eval_every']})")
     train.add_argument("--eval-images", dest="eval_images", type=int,

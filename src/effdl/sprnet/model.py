@@ -17,6 +17,7 @@ through timm's feature API), both under the same FPN (``FPNBackbone``).
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models import resnet18, resnet50
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, batched_nms, box_iou, clip_boxes_to_image
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
@@ -38,7 +40,16 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from effdl.errors import EffdlError
 from effdl.soft.model import MODEL_ARGS as SOFT_MODELS  # importing effdl.soft registers the SOFT models with timm
 from effdl.soft.model import STRIDE as SOFT_STRIDE
-from effdl.sprnet.spr_head import MASK_SIZE, SPRMaskHead, mask_positives, mask_targets, spr_mask_loss
+from effdl.sprnet.spr_head import (
+    MASK_SIZE,
+    SPRMaskHead,
+    mask_boxes,
+    mask_positives,
+    mask_targets,
+    maskness,
+    paste_masks,
+    spr_mask_loss,
+)
 
 Targets = list[dict[str, Tensor]]
 
@@ -74,38 +85,57 @@ class GatedFPN(FeaturePyramidNetwork):
         return OrderedDict(zip(names, results, strict=True))
 
 
-def select_detections(model: RetinaNet, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
-                      image_shapes: list[tuple[int, int]]) -> Targets:
-    """RetinaNet's post-processing (score threshold, top-k per level, decode, class-wise NMS, top-N) that also
+def select_detections(probabilities: list[Tensor], regression: list[Tensor], anchors: list[list[Tensor]],
+                      image_shapes: list[tuple[int, int]], decode: Callable[[Tensor, Tensor], Tensor],
+                      score_thresh: float, topk_candidates: int, nms_thresh: float,
+                      detections_per_img: int) -> Targets:
+    """One-stage post-processing (score threshold, top-k per level, decode, class-wise NMS, top-N) that also
     returns each kept detection's index into the image's full anchor list (``anchor_idx``), which torchvision drops.
 
-    Column 0 is background (labels run 1..K-1, as in Mask R-CNN), so it is never a detection; torchvision's
-    RetinaNet scores it like any class. ``head_outputs`` and ``anchors`` are split per level.
+    ``probabilities`` (B, L_l*A, K) and ``regression`` (B, L_l*A, 4) per level, ``anchors`` per image and level,
+    ``decode(regression, anchors) -> boxes``. Column 0 is background (labels run 1..K-1, as in Mask R-CNN), so it is
+    never a detection; torchvision's one-stage models score it like any class.
     """
     detections = []
     for index, image_shape in enumerate(image_shapes):
         boxes, scores, labels, anchor_ids = [], [], [], []
         offset = 0
-        for logits, regression, level_anchors in zip(head_outputs["cls_logits"], head_outputs["bbox_regression"],
-                                                     anchors[index], strict=True):
-            logits, regression = logits[index, :, 1:], regression[index]  # (L_l*A, K-1), (L_l*A, 4)
-            num_classes = logits.shape[-1]
-            level_scores = logits.sigmoid().flatten()
-            candidates = (level_scores > model.score_thresh).nonzero().flatten()
-            level_scores, top = level_scores[candidates].topk(min(len(candidates), model.topk_candidates))
+        for level_probabilities, level_regression, level_anchors in zip(probabilities, regression, anchors[index],
+                                                                        strict=True):
+            level_probabilities, level_regression = level_probabilities[index, :, 1:], level_regression[index]
+            num_classes = level_probabilities.shape[-1]
+            level_scores = level_probabilities.flatten()
+            candidates = (level_scores > score_thresh).nonzero().flatten()
+            level_scores, top = level_scores[candidates].topk(min(len(candidates), topk_candidates))
             candidates = candidates[top]
             level_ids = candidates // num_classes
-            level_boxes = model.box_coder.decode_single(regression[level_ids], level_anchors[level_ids])
+            level_boxes = decode(level_regression[level_ids], level_anchors[level_ids])
             boxes.append(clip_boxes_to_image(level_boxes, image_shape))
             scores.append(level_scores)
             labels.append(candidates % num_classes + 1)
             anchor_ids.append(level_ids + offset)
             offset += len(level_anchors)
         boxes, scores, labels, anchor_ids = (torch.cat(t) for t in (boxes, scores, labels, anchor_ids))
-        keep = batched_nms(boxes, scores, labels, model.nms_thresh)[: model.detections_per_img]
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
         detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
                            "anchor_idx": anchor_ids[keep]})
     return detections
+
+
+def _retinanet_detections(model: RetinaNet, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                          image_shapes: list[tuple[int, int]]) -> Targets:
+    return select_detections([c.sigmoid() for c in outputs["cls_logits"]], outputs["bbox_regression"], anchors,
+                             image_shapes, model.box_coder.decode_single, model.score_thresh,
+                             model.topk_candidates, model.nms_thresh, model.detections_per_img)
+
+
+def _fcos_detections(model: FCOS, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                     image_shapes: list[tuple[int, int]]) -> Targets:
+    """FCOS scores a location by sqrt(class probability * centerness), as torchvision's FCOS."""
+    probabilities = [(c.sigmoid() * t.sigmoid()).sqrt() for c, t in zip(outputs["cls_logits"],
+                                                                        outputs["bbox_ctrness"], strict=True)]
+    return select_detections(probabilities, outputs["bbox_regression"], anchors, image_shapes, model.box_coder.decode,
+                             model.score_thresh, model.topk_candidates, model.nms_thresh, model.detections_per_img)
 
 
 class ForegroundRetinaNet(RetinaNet):
@@ -113,30 +143,62 @@ class ForegroundRetinaNet(RetinaNet):
 
     def postprocess_detections(self, head_outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
                                image_shapes: list[tuple[int, int]]) -> Targets:
-        detections = select_detections(self, head_outputs, anchors, image_shapes)
+        detections = _retinanet_detections(self, head_outputs, anchors, image_shapes)
         for d in detections:
             del d["anchor_idx"]
         return detections
 
 
-class SPRNet(RetinaNet):
-    """RetinaNet + the SPR mask branch. Every RetinaNet argument is accepted unchanged.
+def fcos_assign(gt_boxes: Tensor, anchors: Tensor, level_counts: list[int], radius: float = 1.5) -> Tensor:
+    """FCOS's assignment of locations to ground-truth boxes: (L,) box index per location, -1 for background.
 
-    Args:
-        mask_head: defaults to ``SPRMaskHead(backbone.out_channels, num_classes)``.
-        mask_fg_iou_thresh: a location trains the mask when its best anchor's IoU with a box exceeds this (paper: 0.7).
+    ``anchors`` (L, 4) are the locations' stride-sized squares, level by level (``level_counts`` per level). A
+    location is a candidate for a box when it lies inside the box, within ``radius`` strides of its centre (centre
+    sampling), and its largest distance to the box's sides is in its level's range (4 to 8 strides; the first
+    level has no floor, the last no ceiling). Among candidates a location takes the smallest box.
+    Cost O(L * G).
+    """
+    if len(gt_boxes) == 0:
+        return torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device)
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2  # (L, 2)
+    stride = anchors[:, 2] - anchors[:, 0]  # (L,)
+    centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # (G, 2)
+    near_centre = (points[:, None] - centres[None]).abs().amax(2) < radius * stride[:, None]  # (L, G)
+    sides = torch.cat([points[:, None] - gt_boxes[None, :, :2], gt_boxes[None, :, 2:] - points[:, None]], 2)
+    floor, ceiling = 4 * stride, 8 * stride
+    floor[: level_counts[0]] = 0
+    ceiling[-level_counts[-1]:] = float("inf")
+    reach = sides.amax(2)  # (L, G)
+    candidate = near_centre & (sides.amin(2) > 0) & (reach > floor[:, None]) & (reach < ceiling[:, None])
+    areas = (gt_boxes[:, 2:] - gt_boxes[:, :2]).prod(1)  # (G,)
+    area_if_candidate = torch.where(candidate, areas[None], float("inf"))
+    smallest, gt = area_if_candidate.min(1)
+    return torch.where(smallest.isfinite(), gt, -1)
+
+
+class SPRMixin:
+    """The SPR mask branch on a torchvision one-stage detector (``SPRNet``: RetinaNet, ``SPRFCOS``: FCOS).
+
+    A subclass supplies ``detection_loss`` (the detector's losses and the mask-training locations) and
+    ``detections`` (post-processing that keeps ``anchor_idx``). Options, set by ``_init_spr``:
         mask_positives_per_image: at most this many mask locations are sampled per image (paper: 300).
-
-    Targets in train mode: torchvision's ``boxes`` (G, 4) xyxy and ``labels`` (G,),
-    plus ``masks`` (G, H, W) uint8 at the image's size.
+        class_agnostic_masks: one mask channel for every class instead of one per class.
+        mask_score_thresh: only detections scoring at least this get a mask (and are returned); lower-scoring
+            ones cost mask decoding and pasting but add little AP.
+        mask_scoring: multiply each score by its mask's maskness (SOLO's mask quality, ``spr_head.maskness``).
+        refine_boxes: replace each box by the tight box of its pasted mask.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
-                 mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300, **kwargs: Any):
-        super().__init__(backbone, num_classes, **kwargs)
-        self.mask_head = mask_head or SPRMaskHead(backbone.out_channels, num_classes)
-        self.mask_fg_iou_thresh = mask_fg_iou_thresh
+    def _init_spr(self, in_channels: int, num_classes: int, mask_head: nn.Module | None, mask_size: int,
+                  mask_positives_per_image: int, class_agnostic_masks: bool, mask_score_thresh: float,
+                  mask_scoring: bool, refine_boxes: bool) -> None:
+        self.mask_head = mask_head or SPRMaskHead(in_channels, 1 if class_agnostic_masks else num_classes,
+                                                  mask_size=mask_size)
         self.mask_positives_per_image = mask_positives_per_image
+        self.class_agnostic_masks = class_agnostic_masks
+        self.mask_score_thresh = mask_score_thresh
+        self.mask_scoring = mask_scoring
+        self.refine_boxes = refine_boxes
 
     def forward(self, images: list[Tensor], targets: Targets | None = None) -> dict[str, Tensor] | Targets:
         if self.training:
@@ -144,53 +206,140 @@ class SPRNet(RetinaNet):
         original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         images, targets = self.transform(images, targets)
         features = list(self.backbone(images.tensors).values())  # [(B, C, H_l, W_l)]
-        head_outputs = self.head(features)  # cls_logits (B, L*A, K), bbox_regression (B, L*A, 4)
+        head_outputs = self.head(features)  # cls_logits (B, L*A, K), bbox_regression (B, L*A, 4), ...
         anchors = self.anchor_generator(images, features)  # [(L*A, 4)] per image
+        level_counts = [h * w * self.anchor_generator.num_anchors_per_location()[0] for h, w in
+                        (f.shape[-2:] for f in features)]
         if self.training:
-            return {**self.compute_loss(targets, head_outputs, anchors),
-                    "loss_mask": self.mask_loss(features, targets, anchors)}
-        level_anchors = [h * w * self.anchor_generator.num_anchors_per_location()[0] for h, w in
-                         (f.shape[-2:] for f in features)]
-        split_outputs = {k: list(v.split(level_anchors, dim=1)) for k, v in head_outputs.items()}
-        split_anchors = [list(a.split(level_anchors)) for a in anchors]
-        detections = select_detections(self, split_outputs, split_anchors, images.image_sizes)
-        self.add_masks(features, detections)
-        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+            losses, positives = self.detection_loss(targets, head_outputs, anchors, level_counts)
+            return {**losses, "loss_mask": self.mask_loss(features, targets, positives)}
+        split_outputs = {k: list(v.split(level_counts, dim=1)) for k, v in head_outputs.items()}
+        split_anchors = [list(a.split(level_counts)) for a in anchors]
+        detections = self.detections(split_outputs, split_anchors, images.image_sizes)
+        masks = self.decode_masks(features, detections)
+        detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
+        return [self.add_masks(d, m, size) for d, m, size in zip(detections, masks, original_sizes, strict=True)]
 
-    def mask_loss(self, features: list[Tensor], targets: Targets, anchors: list[Tensor]) -> Tensor:
-        """SPR mask loss over the sampled positive locations of every image in the batch."""
-        num_anchors = self.anchor_generator.num_anchors_per_location()[0]
+    def mask_labels(self, labels: Tensor) -> Tensor:
+        return torch.zeros_like(labels) if self.class_agnostic_masks else labels
+
+    def mask_loss(self, features: list[Tensor], targets: Targets, positives: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """SPR mask loss over the mask-training ``positives`` (location, gt) of every image in the batch."""
+        size = self.mask_head.mask_size
         images, locations, labels, soft_masks = [], [], [], []
-        for i, (target, image_anchors) in enumerate(zip(targets, anchors, strict=True)):
-            if len(target["boxes"]) == 0:
+        for i, (target, (location, gt)) in enumerate(zip(targets, positives, strict=True)):
+            if len(location) > self.mask_positives_per_image:
+                keep = torch.randperm(len(location), device=location.device)[: self.mask_positives_per_image]
+                location, gt = location[keep], gt[keep]
+            if len(location) == 0:
                 continue
-            location, gt = mask_positives(box_iou(target["boxes"], image_anchors), num_anchors,
-                                          self.mask_fg_iou_thresh, self.mask_positives_per_image)
             images.append(torch.full_like(location, i))
             locations.append(location)
-            labels.append(target["labels"][gt])
-            soft_masks.append(mask_targets(target["masks"], target["boxes"])[gt])
+            labels.append(self.mask_labels(target["labels"][gt]))
+            soft_masks.append(mask_targets(target["masks"], target["boxes"], size)[gt])
         if not locations:  # background-only batch: decode one location so the zero loss reaches every weight
             zero = torch.zeros(1, dtype=torch.long, device=features[0].device)
             logits = self.mask_head(features, zero, zero)[:0]
-            return spr_mask_loss(logits, zero[:0], logits.new_zeros(0, MASK_SIZE, MASK_SIZE))
+            return spr_mask_loss(logits, zero[:0], logits.new_zeros(0, size, size))
         logits = self.mask_head(features, torch.cat(images), torch.cat(locations))
         return spr_mask_loss(logits, torch.cat(labels), torch.cat(soft_masks))
 
     @torch.no_grad()
-    def add_masks(self, features: list[Tensor], detections: Targets) -> None:
-        """Decode the kept detections' masks only (never densely): ``masks`` (N, 1, 32, 32) probabilities.
+    def decode_masks(self, features: list[Tensor], detections: Targets) -> list[Tensor]:
+        """Drop detections below ``mask_score_thresh``, then decode the kept ones' masks only (never densely).
 
-        ``transform.postprocess`` then pastes them into the boxes at the original image size.
+        Returns (N_i, M, M) box-frame probabilities per image.
         """
+        for d in detections:
+            keep = d["scores"] >= self.mask_score_thresh
+            d.update({k: v[keep] for k, v in d.items()})
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         image = torch.cat([torch.full_like(d["anchor_idx"], i) for i, d in enumerate(detections)])
         location = torch.cat([d.pop("anchor_idx") for d in detections]) // num_anchors
-        labels = torch.cat([d["labels"] for d in detections])
-        logits = self.mask_head(features, image, location)  # (N, K, 32, 32)
-        masks = logits[torch.arange(len(labels)), labels].sigmoid()[:, None]  # (N, 1, 32, 32)
-        for d, m in zip(detections, masks.split([len(d["labels"]) for d in detections]), strict=True):
-            d["masks"] = m
+        labels = self.mask_labels(torch.cat([d["labels"] for d in detections]))
+        logits = self.mask_head(features, image, location)  # (N, K, M, M)
+        masks = logits[torch.arange(len(labels)), labels].sigmoid()  # (N, M, M)
+        return list(masks.split([len(d["labels"]) for d in detections]))
+
+    def add_masks(self, detection: dict[str, Tensor], masks: Tensor, image_size: tuple[int, int]) -> dict[str, Tensor]:
+        """Paste one image's box-frame masks at its original size: ``masks`` (N, 1, H, W), as Mask R-CNN's."""
+        pasted = paste_masks(masks, detection["boxes"], *image_size)  # (N, H, W)
+        if self.mask_scoring:
+            detection["scores"] = detection["scores"] * maskness(masks)
+        if self.refine_boxes:
+            detection["boxes"] = mask_boxes(pasted, detection["boxes"])
+        detection["masks"] = pasted[:, None]
+        return detection
+
+
+_SPR_OPTIONS = """
+    Args:
+        mask_head: defaults to ``SPRMaskHead(backbone.out_channels, num_classes, mask_size=mask_size)``.
+        mask_size: the side M of the box-frame mask (paper: 32).
+        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes:
+            see ``SPRMixin``.
+
+    Targets in train mode: torchvision's ``boxes`` (G, 4) xyxy and ``labels`` (G,),
+    plus ``masks`` (G, H, W) uint8 at the image's size.
+"""
+
+
+class SPRNet(SPRMixin, RetinaNet):
+    __doc__ = """RetinaNet + the SPR mask branch (the paper's model). Every RetinaNet argument is accepted unchanged.
+
+    Mask-training locations: those whose best anchor has IoU above ``mask_fg_iou_thresh`` (paper: 0.7) with a box,
+    and every box's best location (``spr_head.mask_positives``).
+    """ + _SPR_OPTIONS
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
+                 mask_size: int = MASK_SIZE, mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300,
+                 class_agnostic_masks: bool = False, mask_score_thresh: float = 0.0, mask_scoring: bool = False,
+                 refine_boxes: bool = False, **kwargs: Any):
+        super().__init__(backbone, num_classes, **kwargs)
+        self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_positives_per_image,
+                       class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+        self.mask_fg_iou_thresh = mask_fg_iou_thresh
+
+    def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                       level_counts: list[int]) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+        num_anchors = self.anchor_generator.num_anchors_per_location()[0]
+        positives = [mask_positives(box_iou(t["boxes"], a), num_anchors, self.mask_fg_iou_thresh, len(a))
+                     if len(t["boxes"]) else (torch.zeros(0, dtype=torch.long, device=a.device),) * 2
+                     for t, a in zip(targets, anchors, strict=True)]
+        return self.compute_loss(targets, head_outputs, anchors), positives
+
+    def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                   image_shapes: list[tuple[int, int]]) -> Targets:
+        return _retinanet_detections(self, outputs, anchors, image_shapes)
+
+
+class SPRFCOS(SPRMixin, FCOS):
+    __doc__ = """FCOS + the SPR mask branch: the paper attaches SPR to any one-stage detector. Every FCOS argument
+    is accepted unchanged.
+
+    FCOS assigns locations by centre sampling (``fcos_assign``) and scores them with a centerness branch, and its
+    box loss is GIoU; the mask trains at every location FCOS assigns to a box (sampled down to
+    ``mask_positives_per_image``), so each object has several mask positives, not one best anchor.
+    """ + _SPR_OPTIONS
+
+    def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
+                 mask_size: int = MASK_SIZE, mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
+                 mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
+                 **kwargs: Any):
+        super().__init__(backbone, num_classes, **kwargs)
+        self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_positives_per_image,
+                       class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+
+    def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
+                       level_counts: list[int]) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+        matched = [fcos_assign(t["boxes"], a, level_counts, self.center_sampling_radius)
+                   for t, a in zip(targets, anchors, strict=True)]
+        positives = [((m >= 0).nonzero().flatten(), m[m >= 0]) for m in matched]
+        return self.head.compute_loss(targets, head_outputs, anchors, matched), positives
+
+    def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
+                   image_shapes: list[tuple[int, int]]) -> Targets:
+        return _fcos_detections(self, outputs, anchors, image_shapes)
 
 
 def _check_targets(images: list[Tensor], targets: Targets | None) -> None:
@@ -392,6 +541,24 @@ def sprnet_resnet18_fpn(num_classes: int, weights_backbone: str | Path | None = 
     return sprnet("resnet18", num_classes, weights_backbone, **kwargs)
 
 
+def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
+                gated_fpn: bool = True, **kwargs: Any) -> SPRFCOS:
+    """SPRNet on FCOS (``SPRFCOS``): SPRNet's backbone, torchvision's FCOS head (GroupNorm towers, GIoU, centerness).
+
+    One location per position whose stride-sized square (8 ... 128 px on P3-P7) sets FCOS's scale ranges, so it
+    takes no ``smallest_anchor``. ``kwargs`` go to ``SPRFCOS``/``FCOS``; the score threshold defaults to 0.05 like
+    the RetinaNet family's (torchvision's FCOS: 0.2).
+    """
+    kwargs.setdefault("detections_per_img", 100)
+    kwargs.setdefault("score_thresh", 0.05)
+    _check_padding(backbone_name, kwargs)
+    backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=[2, 3, 4],
+                            extra_blocks=LastLevelP6P7(256, 256), gated=gated_fpn)
+    anchors = AnchorGenerator(tuple((8 * 2 ** level,) for level in range(5)), ((1.0,),) * 5)
+    head = FCOSHead(backbone.out_channels, 1, num_classes)
+    return SPRFCOS(backbone, num_classes, anchor_generator=anchors, head=head, **kwargs)
+
+
 def retinanet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
               smallest_anchor: int = 32, **kwargs: Any) -> RetinaNet:
     """The torchvision RetinaNet baseline on SPRNet's backbone and anchors (plain FPN, P3-P7)."""
@@ -414,12 +581,34 @@ def maskrcnn(backbone_name: str, num_classes: int, weights_backbone: str | Path 
                     **kwargs)
 
 
-# Every detector on every backbone: sprnet_resnet18_fpn, retinanet_soft_tiny_fpn, maskrcnn_soft_norm_small_fpn ...
+# Every detector on every backbone: sprnet_resnet18_fpn, sprnet_fcos_resnet18_fpn, retinanet_soft_tiny_fpn,
+# maskrcnn_soft_norm_small_fpn ...
+FAMILIES: dict[str, Callable[..., nn.Module]] = {"sprnet": sprnet, "sprnet_fcos": sprnet_fcos, "retinanet": retinanet,
+                                               "maskrcnn": maskrcnn}
+ANCHOR_FREE = ("sprnet_fcos",)  # families without a ``smallest_anchor``
 DETECTORS: dict[str, Callable[..., nn.Module]] = {
     f"{family}_{backbone}_fpn": partial(build, backbone)
-    for family, build in (("sprnet", sprnet), ("retinanet", retinanet), ("maskrcnn", maskrcnn))
+    for family, build in FAMILIES.items()
     for backbone in (*BACKBONES, *SOFT_BACKBONES)
 }
+
+
+FAMILY_CLASSES: dict[str, type[nn.Module]] = {"sprnet": SPRNet, "sprnet_fcos": SPRFCOS,
+                                              "retinanet": ForegroundRetinaNet, "maskrcnn": MaskRCNN}
+_BUILT_FROM_NAME = {"self", "backbone", "num_classes", "anchor_generator", "head", "rpn_anchor_generator"}
+
+
+def detector_options(name: str) -> list[str]:
+    """The keyword options a ``DETECTORS`` model accepts beyond its name and class count (mask_size, score_thresh,
+    ...): its class's and its torchvision base classes' named arguments."""
+    family = next(f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f"{f}_"))
+    names = {"weights_backbone", *(("gated_fpn",) if family.startswith("sprnet") else ()),
+             *(() if family in ANCHOR_FREE else ("smallest_anchor",))}
+    for cls in FAMILY_CLASSES[family].__mro__:
+        if "__init__" in vars(cls) and cls.__module__.startswith(("effdl", "torchvision")):
+            names |= {p.name for p in inspect.signature(cls.__init__).parameters.values()
+                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return sorted(names - _BUILT_FROM_NAME)
 
 
 def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -84,19 +84,25 @@ class SPRMaskHead(nn.Module):
 
     ``forward(features, image, location)`` decodes the masks of N locations;
     ``features`` are the FPN maps (B, C, H_l, W_l), ``image`` and ``location``
-    are (N,) indices. Returns (N, K, M, M) logits.
+    are (N,) indices. Returns (N, K, M, M) logits; ``mask_size`` M is 16, 32,
+    64 ... (each doubling past 32 adds one 64-channel deconv stage).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (2, 4, 6)):
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (2, 4, 6),
+                 mask_size: int = MASK_SIZE):
         super().__init__()
+        stages = mask_size.bit_length() - 4  # 8 -> M px in 2x steps
+        if mask_size < 16 or mask_size != 8 << stages:
+            raise ValueError(f"mask_size must be a power of two >= 16, got {mask_size}")
+        self.mask_size = mask_size
         self.point = nn.Conv2d(in_channels, 256, 1)
         self.dilated = nn.ModuleList(nn.Conv2d(in_channels, 128, 3, padding=d, dilation=d) for d in dilations)
         fused = 256 + 128 * len(dilations)
         # 1 -> 2 -> 4 -> 8 px; no activation: a learned linear "unprojection" of the vector
         self.reconstruct = nn.ModuleList(nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
                                          for c_in, c_out in ((fused, 256), (256, 128), (128, 128)))
-        # 8 -> 16 -> 32 px, each followed by a ReLU
-        self.refine = nn.ModuleList(nn.ConvTranspose2d(c_in, 64, 2, stride=2) for c_in in (128, 64))
+        # 8 -> 16 -> ... -> M px, each followed by a ReLU
+        self.refine = nn.ModuleList(nn.ConvTranspose2d(128 if i == 0 else 64, 64, 2, stride=2) for i in range(stages))
         self.logits = nn.Conv2d(64, num_classes, 1)
         self.shortcut = nn.Conv2d(128, num_classes, 1)
         for m in self.modules():
@@ -121,8 +127,8 @@ class SPRMaskHead(nn.Module):
             coarse = deconv2x2(coarse, deconv)  # -> (N, 128, 8, 8)
         fine = coarse
         for deconv in self.refine:
-            fine = F.relu(deconv2x2(fine, deconv))  # -> (N, 64, 32, 32)
-        fine = self.logits(fine)  # (N, K, 32, 32)
+            fine = F.relu(deconv2x2(fine, deconv))  # -> (N, 64, M, M)
+        fine = self.logits(fine)  # (N, K, M, M)
         return fine + F.interpolate(self.shortcut(coarse), size=fine.shape[-2:], mode="bilinear", align_corners=False)
 
 
@@ -152,10 +158,11 @@ def mask_targets(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE) -> Tensor:
     """Each instance's mask cropped to its own box and resized to size x size, as soft targets in [0, 1].
 
     ``masks`` (G, H, W) binary, ``boxes`` (G, 4) xyxy in the mask's pixels. Uses
-    RoIAlign on the box (the same projection Mask R-CNN uses). Cost O(G * size^2).
+    RoIAlign on the box, pixel-aligned (``aligned=True``: target pixel j covers the box's j-th strip, the frame
+    ``paste_masks`` pastes back into). Cost O(G * size^2).
     """
     rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
-    return roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), 1.0)[:, 0]  # (G, size, size)
+    return roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, aligned=True)[:, 0]  # (G, size, size)
 
 
 def spr_mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
@@ -169,3 +176,54 @@ def spr_mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
         return logits.sum() * 0.0
     picked = logits[torch.arange(len(labels), device=labels.device), labels]  # (N, M, M)
     return F.binary_cross_entropy_with_logits(picked, targets)
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, height: int, width: int) -> Tensor:
+    """Box-frame masks (N, M, M) resampled bilinearly into their boxes (N, 4) xyxy on a (height, width) canvas.
+
+    What torchvision's ``paste_masks_in_image`` computes (outside its box a mask fades to zero over half a mask
+    pixel, as with its one-pixel zero padding), without its per-mask Python loop: resampling in a box is separable,
+    so each mask becomes ``Ry @ mask @ Rx^T`` with (height, M) and (width, M) interpolation matrices.
+    Returns (N, height, width). Cost O(N * M * (height * M + height * width)).
+    """
+    size = masks.shape[-1]
+
+    def weights(lo: Tensor, hi: Tensor, length: int) -> Tensor:  # (N, length, M) bilinear taps per output pixel
+        centres = torch.arange(length, device=masks.device, dtype=masks.dtype) + 0.5
+        source = (centres - lo[:, None]) / (hi - lo).clamp(min=1e-6)[:, None] * size - 0.5  # (N, length)
+        taps = torch.arange(size, device=masks.device, dtype=masks.dtype)
+        return (1 - (source[:, :, None] - taps).abs()).clamp(min=0)
+
+    boxes = boxes.to(masks.dtype)
+    rows, cols = weights(boxes[:, 1], boxes[:, 3], height), weights(boxes[:, 0], boxes[:, 2], width)
+    return rows @ masks @ cols.transpose(1, 2)  # (N, H, M) @ (N, M, M) @ (N, M, W)
+
+
+def mask_boxes(masks: Tensor, boxes: Tensor, threshold: float = 0.5) -> Tensor:
+    """The tight xyxy box of each pasted mask's pixels above ``threshold``; ``boxes`` where a mask is empty.
+
+    ``masks`` (N, H, W) probabilities on the image canvas. Cost O(N * H * W).
+    """
+    inside = masks > threshold
+    rows, cols = inside.any(2), inside.any(1)  # (N, H), (N, W)
+    empty = ~rows.any(1)
+
+    def extent(filled: Tensor) -> tuple[Tensor, Tensor]:
+        index = torch.arange(filled.shape[1], device=masks.device)
+        first = torch.where(filled, index, filled.shape[1]).amin(1)
+        last = torch.where(filled, index, -1).amax(1) + 1
+        return first, last
+
+    (y0, y1), (x0, x1) = extent(rows), extent(cols)
+    tight = torch.stack([x0, y0, x1, y1], 1).to(boxes.dtype)
+    return torch.where(empty[:, None], boxes, tight)
+
+
+def maskness(masks: Tensor, threshold: float = 0.5) -> Tensor:
+    """SOLO's mask quality: each mask's mean probability over its pixels above ``threshold`` (0 when none).
+
+    ``masks`` (N, M, M) probabilities; a detection's score times its maskness ranks crisp masks above vague ones.
+    Cost O(N * M^2).
+    """
+    inside = (masks > threshold).to(masks.dtype)
+    return (masks * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)

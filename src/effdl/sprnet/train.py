@@ -12,7 +12,7 @@ model with nothing else.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from effdl.core.device import autocast_for, resolve_device
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
 from effdl.sprnet.evaluate import draw_overlay, evaluate_model, save_overlay
-from effdl.sprnet.model import ALL_BACKBONES, DETECTORS, build_detector
+from effdl.sprnet.model import ALL_BACKBONES, ANCHOR_FREE, DETECTORS, build_detector, detector_options
 from effdl.train.batches import EpochOrder
 from effdl.train.checkpoint import latest_checkpoint, read_trainer_state, read_weights, saved_config
 from effdl.train.loop import LoopConfig, TrainResult, TrainTask, fit
@@ -60,6 +60,8 @@ class DetectionTrainConfig:
     # Mask R-CNN only: RoIs sampled per image for its box/mask heads (torchvision: 512). On small images with few
     # objects 128 loses nothing and makes its CPU training ~3x cheaper (RoIAlign's backward dominates).
     maskrcnn_rois_per_image: int = 512
+    # Keyword arguments for the model's builder (e.g. SPRNet's ``mask_size``); must be ones it accepts.
+    model_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     eval_images: int = 0  # 0 = the whole validation split
     out_dir: str = "runs/sprnet"
@@ -75,6 +77,13 @@ class DetectionTrainConfig:
         if self.model not in DETECTORS:
             raise EffdlError(f"unknown model {self.model!r}; choose maskrcnn, retinanet or one of "
                              f"{', '.join(DETECTORS)}")
+        own = {"weights_backbone", "min_size", "max_size", "smallest_anchor", "box_batch_size_per_image"}
+        for option in self.model_options:
+            if option in own:
+                raise EffdlError(f"model option {option!r} is set by the config itself; use its own field")
+            if option not in detector_options(self.model):
+                raise EffdlError(f"unknown model option {option!r} for {self.model}; it takes "
+                                 f"{', '.join(o for o in detector_options(self.model) if o not in own)}")
         for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "smallest_anchor"):
             if getattr(self, name) <= 0:
                 raise EffdlError(f"{name} must be positive, got {getattr(self, name)}")
@@ -101,8 +110,10 @@ def _check_categories(dataset: CocoInstances, names: list[str], what: str) -> No
 
 def create_detector(cfg: DetectionTrainConfig, num_classes: int) -> nn.Module:
     extra = {"box_batch_size_per_image": cfg.maskrcnn_rois_per_image} if cfg.model.startswith("maskrcnn") else {}
+    if not cfg.model.startswith(tuple(f"{family}_" for family in ANCHOR_FREE)):
+        extra["smallest_anchor"] = cfg.smallest_anchor
     return build_detector(cfg.model, num_classes, weights_backbone=cfg.weights_backbone, min_size=cfg.min_size,
-                          max_size=cfg.max_size, smallest_anchor=cfg.smallest_anchor, **extra)
+                          max_size=cfg.max_size, **extra, **cfg.model_options)
 
 
 def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,

@@ -1,0 +1,148 @@
+"""SPRNet's mask options and their math: pasting, mask boxes, maskness, FCOS assignment, score-capped decoding."""
+
+import pytest
+import torch
+from box_targets import box_target
+from torchvision.models.detection import FCOS
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from effdl.sprnet import build_detector
+from effdl.sprnet.model import fcos_assign
+from effdl.sprnet.spr_head import mask_boxes, maskness, paste_masks
+
+
+def _random_boxes(n: int, height: int, width: int, generator: torch.Generator, smallest: int = 4) -> torch.Tensor:
+    corner = torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.7, height * 0.7])
+    size = smallest + torch.rand(n, 2, generator=generator) * torch.tensor([width * 0.5, height * 0.5])
+    return torch.cat([corner, corner + size], 1)
+
+
+def test_paste_masks_matches_torchvision_paste():
+    """torchvision pads each mask by a pixel and rounds the padded box to whole pixels, which moves a mask's edge by up
+    to a pixel; on boxes of 16 px and more the binarised masks still agree closely."""
+    generator = torch.Generator().manual_seed(0)
+    height, width = 70, 90
+    centre = 8 + 16 * torch.rand(12, 2, 1, 1, generator=generator)  # soft discs, as decoded masks are
+    radius = 6 + 10 * torch.rand(12, 1, 1, generator=generator)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    masks = torch.sigmoid(radius - ((ys - centre[:, 0]) ** 2 + (xs - centre[:, 1]) ** 2).sqrt())
+    boxes = _random_boxes(12, height, width, generator, smallest=16).round()
+    ours = paste_masks(masks, boxes, height, width)
+    theirs = paste_masks_in_image(masks[:, None], boxes, (height, width))[:, 0]
+    assert ours.shape == theirs.shape == (12, height, width)
+    inside = (ours > 0.5) & (theirs > 0.5)
+    iou = inside.flatten(1).sum(1) / ((ours > 0.5) | (theirs > 0.5)).flatten(1).sum(1).clamp(min=1)
+    assert iou.min() > 0.9, iou
+    assert (ours - theirs).abs().mean() < 0.01
+    assert (ours.sum((1, 2)) - theirs.sum((1, 2))).abs().max() / theirs.sum((1, 2)).max() < 0.1
+    # a uniform mask fills exactly its (whole-pixel) box
+    full = paste_masks(torch.ones(1, 32, 32), torch.tensor([[10.0, 20.0, 40.0, 50.0]]), height, width)[0] > 0.5
+    expected = torch.zeros(height, width, dtype=torch.bool)
+    expected[20:50, 10:40] = True
+    assert torch.equal(full, expected)
+    # mask pixel j covers the box's j-th strip: column 3 of 32 in a 64-px-wide box is image columns 16-17
+    column = torch.zeros(1, 32, 32)
+    column[0, :, 3] = 1
+    pasted = paste_masks(column, torch.tensor([[10.0, 0.0, 74.0, 64.0]]), 64, 90)[0, 32]
+    assert torch.equal((pasted > 0.5).nonzero().flatten(), torch.tensor([16, 17]))
+
+
+def test_mask_boxes_are_the_tight_boxes_of_a_brute_force_scan():
+    generator = torch.Generator().manual_seed(1)
+    masks = torch.rand(6, 40, 50, generator=generator) ** 8  # sparse pixels above 0.5
+    masks[2] = 0  # empty: keeps its box
+    boxes = torch.rand(6, 4, generator=generator)
+    tight = mask_boxes(masks, boxes)
+    for i, mask in enumerate(masks):
+        ys, xs = (mask > 0.5).nonzero(as_tuple=True)
+        expected = boxes[i] if len(ys) == 0 else torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1.0])
+        assert torch.equal(tight[i], expected)
+
+
+def test_maskness_is_the_mean_probability_above_the_threshold():
+    generator = torch.Generator().manual_seed(2)
+    masks = torch.rand(5, 16, 16, generator=generator)
+    masks[3] = 0.2
+    expected = torch.tensor([m[m > 0.5].mean().item() if (m > 0.5).any() else 0.0 for m in masks])
+    torch.testing.assert_close(maskness(masks), expected)
+
+
+def test_fcos_assign_matches_torchvision_fcos():
+    """torchvision's FCOS computes the same assignment inside its loss; capture it from the head's loss call."""
+    torch.manual_seed(0)
+    model = build_detector("sprnet_fcos_resnet18_fpn", 4, min_size=128, max_size=128).train()
+    captured = []
+    head_loss = model.head.compute_loss
+    model.head.compute_loss = lambda targets, outputs, anchors, matched: captured.append(matched) or head_loss(
+        targets, outputs, anchors, matched)
+    generator = torch.Generator().manual_seed(3)
+    boxes = [_random_boxes(7, 128, 128, generator), _random_boxes(1, 128, 128, generator), torch.zeros(0, 4)]
+    targets = [box_target(b.tolist(), [1 + i % 3 for i in range(len(b))], (128, 128)) for b in boxes]
+    images = [torch.rand(3, 128, 128) for _ in boxes]
+    transformed, transformed_targets = model.transform(images, targets)
+    features = list(model.backbone(transformed.tensors).values())
+    outputs = model.head(features)
+    anchors = model.anchor_generator(transformed, features)
+    counts = [f.shape[-2] * f.shape[-1] for f in features]
+    FCOS.compute_loss(model, transformed_targets, outputs, anchors, counts)
+    (theirs,) = captured
+    for target, image_anchors, expected in zip(transformed_targets, anchors, theirs, strict=True):
+        ours = fcos_assign(target["boxes"], image_anchors, counts, model.center_sampling_radius)
+        assert torch.equal(ours, expected)
+    assert (theirs[0] >= 0).sum() > 7 and (theirs[2] < 0).all()  # several locations per box; none without boxes
+
+
+def _trained_a_little(name: str, **options) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0, **options)
+    target = box_target([[8, 10, 40, 44], [36, 30, 60, 60]], [1, 2], (64, 64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = sum(model.train()([torch.rand(3, 64, 64)], [target]).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["sprnet_resnet18_fpn", "sprnet_fcos_resnet18_fpn"])
+def test_mask_score_thresh_decodes_only_the_detections_above_it(name):
+    model = _trained_a_little(name)
+    image = torch.rand(3, 64, 64)
+    decoded = []
+    model.mask_head.register_forward_hook(lambda module, args, out: decoded.append(len(out)))
+    with torch.no_grad():
+        everything = model([image])[0]
+        model.mask_score_thresh = everything["scores"].median().item()
+        capped = model([image])[0]
+    kept = everything["scores"] >= model.mask_score_thresh
+    assert decoded == [len(everything["scores"]), int(kept.sum())] and 0 < kept.sum() < len(kept)
+    for key in ("boxes", "scores", "labels", "masks"):
+        torch.testing.assert_close(capped[key], everything[key][kept])
+
+
+def test_mask_scoring_and_box_refinement_rescore_and_tighten_from_the_masks():
+    model = _trained_a_little("sprnet_fcos_resnet18_fpn")
+    logits = []
+    model.mask_head.register_forward_hook(lambda module, args, out: logits.append(out))
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        plain = model([image])[0]
+        model.mask_scoring = model.refine_boxes = True
+        refined = model([image])[0]
+    box_frame = logits[0][torch.arange(len(plain["labels"])), plain["labels"]].sigmoid()
+    torch.testing.assert_close(refined["scores"], plain["scores"] * maskness(box_frame))
+    torch.testing.assert_close(refined["boxes"], mask_boxes(plain["masks"][:, 0], plain["boxes"]))
+    torch.testing.assert_close(refined["masks"], plain["masks"])
+
+
+def test_class_agnostic_and_finer_masks_train_and_detect():
+    model = _trained_a_little("sprnet_fcos_resnet18_fpn", class_agnostic_masks=True, mask_size=64)
+    assert model.mask_head.logits.out_channels == 1 and model.mask_head.mask_size == 64
+    shapes = []
+    model.mask_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        detection = model([torch.rand(3, 64, 64)])[0]
+    assert shapes == [(1, 64, 64)] and detection["masks"].shape == (len(detection["boxes"]), 1, 64, 64)
+    with pytest.raises(ValueError, match="mask_size must be a power of two"):
+        build_detector("sprnet_resnet18_fpn", 3, mask_size=48)
