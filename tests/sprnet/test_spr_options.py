@@ -94,7 +94,7 @@ def test_fcos_assign_matches_torchvision_fcos():
 
 def _trained_a_little(name: str, **options) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0, **options)
+    model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0, mask_score_thresh=0.0, **options)
     target = box_target([[8, 10, 40, 44], [36, 30, 60, 60]], [1, 2], (64, 64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in range(3):

@@ -107,7 +107,7 @@ def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes(name):
     torch.manual_seed(0)
     images = [torch.rand(3, 96, 128), torch.rand(3, 128, 80)]
     targets = [box_target([[10, 20, 60, 70], [70, 5, 120, 40]], [1, 2], (96, 128)), box_target([], [], (128, 80))]
-    sprnet = build_detector(name, 3, min_size=96, max_size=128, score_thresh=0.0)
+    sprnet = build_detector(name, 3, min_size=96, max_size=128, score_thresh=0.0, mask_score_thresh=0.0)
     maskrcnn = build_detector("maskrcnn_resnet18_fpn", 3, min_size=96, max_size=128, box_score_thresh=0.0)
     for model in (sprnet, maskrcnn):
         losses = model.train()(images, targets)
@@ -130,8 +130,8 @@ def test_outputs_have_mask_rcnn_format_for_images_of_different_sizes(name):
 @pytest.mark.parametrize("name", SPR_MODELS)
 def test_each_mask_is_decoded_at_its_own_detections_anchor_location(name):
     torch.manual_seed(0)
-    model = build_detector(name, 3, min_size=128, max_size=128, score_thresh=0.0, detections_per_img=50,
-                           **_anchor_kwargs(name)).eval()
+    model = build_detector(name, 3, min_size=128, max_size=128, score_thresh=0.0, mask_score_thresh=0.0,
+                           detections_per_img=50, **_anchor_kwargs(name)).eval()
     regression = model.head.regression_head.bbox_reg
     torch.nn.init.zeros_(regression.weight)
     # Every detection's box is then its anchor, clipped to the image: RetinaNet's offsets are 0, FCOS's distances
@@ -222,7 +222,7 @@ def test_bad_training_targets_get_clear_errors(name):
 def test_bf16_autocast_trains_and_detects(name):
     """The GPU trainer runs under bf16 autocast; CPU autocast exercises the same dtype paths."""
     torch.manual_seed(0)
-    model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0)
+    model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0, mask_score_thresh=0.0)
     image, target = torch.rand(3, 64, 64), box_target([[10, 10, 40, 40]], [1], (64, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model.train()([image], [target])
