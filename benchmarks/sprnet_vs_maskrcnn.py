@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from harness import RESULTS, add_plot_only, load_results, report, resumable_checkpoint, time_interleaved
 
-from effdl.report import line_plot
+from effdl.report import line_panels
 from effdl.sprnet.evaluate import METRIC_NAMES
 from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
 from effdl.sprnet.train import (
@@ -55,6 +55,8 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
+OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64")  # training ablations outside the default set
+DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
     "defaults": {},
@@ -163,22 +165,20 @@ def _cells(metrics: dict[str, dict[str, float]], kind: str) -> list[str]:
 
 
 def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
-    """sprnet_vs_maskrcnn.png: validation AP per epoch (mask AP; box AP for RetinaNet) for the main runs."""
+    """sprnet_vs_maskrcnn.png: validation mask AP and box AP per epoch for the main runs, one panel each."""
     results = load_results(path)
-    curves = {}
+    panels = {"mask AP": {}, "box AP": {}}
     for run, history in results["history"].items():
         if run not in LABELS:
             continue
-        kind = "segm" if "segm" in history[-1]["metrics"] else "bbox"
-        curves[f"{LABELS[run]} ({'mask' if kind == 'segm' else 'box'} AP)"] = (
-            [h["epoch"] for h in history], [100 * h["metrics"][kind]["AP"] for h in history])
-        if kind == "segm":
-            curves[f"{LABELS[run]} (box AP)"] = ([h["epoch"] for h in history],
-                                                 [100 * h["metrics"]["bbox"]["AP"] for h in history])
+        epochs = [h["epoch"] for h in history]
+        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
+            if kind in history[-1]["metrics"]:
+                panels[panel][LABELS[run]] = (epochs, [100 * h["metrics"][kind]["AP"] for h in history])
     args = results["args"]
-    line_plot(RESULTS / "sprnet_vs_maskrcnn.png", curves,
-              title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, same recipe: AP per epoch",
-              xlabel="epoch", ylabel="COCO AP on validation (%)")
+    line_panels(RESULTS / "sprnet_vs_maskrcnn.png", panels,
+                title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, the same recipe and epochs",
+                xlabel="epoch", ylabel="COCO AP on validation (%)")
 
 
 def targets(metrics: dict, ablation: dict, seconds: dict, sizes: list[int],
@@ -210,7 +210,7 @@ def targets(metrics: dict, ablation: dict, seconds: dict, sizes: list[int],
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
     parser.add_argument("--train-only", action="store_true", help="train --runs, then stop (no report)")
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])

@@ -122,6 +122,25 @@ def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequenc
     return _save(fig, path)
 
 
+def line_panels(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
+                title: str, xlabel: str, ylabel: str) -> Path:
+    """One PNG of side-by-side line plots (a titled panel per entry of ``panels``), sharing the y axis; a series
+    name keeps its colour in every panel."""
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=110, sharey=True,
+                                   squeeze=False)
+    for ax, (panel, series) in zip(axes[0], panels.items(), strict=True):
+        for name, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, label=name, color=colours[name])
+        ax.set(title=panel, xlabel=xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.0f}"
