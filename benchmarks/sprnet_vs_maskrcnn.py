@@ -52,10 +52,11 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos": ("sprnet_fcos", {}, True),
     "sprnet_fcos-agnostic": ("sprnet_fcos", {"class_agnostic_masks": True}, True),
     "sprnet_fcos-mask64": ("sprnet_fcos", {"mask_size": 64}, True),
+    "sprnet_fcos-dilations123": ("sprnet_fcos", {"mask_dilations": [1, 2, 3]}, True),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
-OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64")  # training ablations outside the default set
+OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123")  # training ablations outside the default set
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {

@@ -136,9 +136,11 @@ def test_mask_scoring_and_box_refinement_rescore_and_tighten_from_the_masks():
     torch.testing.assert_close(refined["masks"], plain["masks"])
 
 
-def test_class_agnostic_and_finer_masks_train_and_detect():
-    model = _trained_a_little("sprnet_fcos_resnet18_fpn", class_agnostic_masks=True, mask_size=64)
+def test_class_agnostic_finer_and_less_dilated_masks_train_and_detect():
+    model = _trained_a_little("sprnet_fcos_resnet18_fpn", class_agnostic_masks=True, mask_size=64,
+                              mask_dilations=(1, 2, 3))
     assert model.mask_head.logits.out_channels == 1 and model.mask_head.mask_size == 64
+    assert [conv.dilation[0] for conv in model.mask_head.dilated] == [1, 2, 3]
     shapes = []
     model.mask_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape[1:])))
     with torch.no_grad():

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from effdl.errors import EffdlError
 from effdl.soft.model import MODEL_ARGS as SOFT_MODELS  # importing effdl.soft registers the SOFT models with timm
 from effdl.soft.model import STRIDE as SOFT_STRIDE
 from effdl.sprnet.spr_head import (
+    DILATIONS,
     MASK_SIZE,
     SPRMaskHead,
     mask_boxes,
@@ -196,10 +197,11 @@ class SPRMixin:
     """
 
     def _init_spr(self, in_channels: int, num_classes: int, mask_head: nn.Module | None, mask_size: int,
+                  mask_dilations: Sequence[int],
                   mask_positives_per_image: int, class_agnostic_masks: bool, mask_score_thresh: float,
                   mask_scoring: bool, refine_boxes: bool) -> None:
         self.mask_head = mask_head or SPRMaskHead(in_channels, 1 if class_agnostic_masks else num_classes,
-                                                  mask_size=mask_size)
+                                                  tuple(mask_dilations), mask_size)
         self.mask_positives_per_image = mask_positives_per_image
         self.class_agnostic_masks = class_agnostic_masks
         self.mask_score_thresh = mask_score_thresh
@@ -282,6 +284,7 @@ _SPR_OPTIONS = """
     Args:
         mask_head: defaults to ``SPRMaskHead(backbone.out_channels, num_classes, mask_size=mask_size)``.
         mask_size: the side M of the box-frame mask (paper: 32).
+        mask_dilations: the fusion's 3x3 conv dilations (paper: 2, 4, 6 on COCO-sized images).
         mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes:
             see ``SPRMixin``.
 
@@ -298,12 +301,13 @@ class SPRNet(SPRMixin, RetinaNet):
     """ + _SPR_OPTIONS
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
-                 mask_size: int = MASK_SIZE, mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300,
+                 mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
+                 mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300,
                  class_agnostic_masks: bool = False, mask_score_thresh: float = 0.0, mask_scoring: bool = False,
                  refine_boxes: bool = False, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
-        self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_positives_per_image,
-                       class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+        self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
+                       mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
         self.mask_fg_iou_thresh = mask_fg_iou_thresh
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
@@ -329,12 +333,13 @@ class SPRFCOS(SPRMixin, FCOS):
     """ + _SPR_OPTIONS
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
-                 mask_size: int = MASK_SIZE, mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
+                 mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
+                 mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
                  **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
-        self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_positives_per_image,
-                       class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+        self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
+                       mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
                        level_counts: list[int]) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 MASK_SIZE = 32
+DILATIONS = (2, 4, 6)  # the paper's fusion dilations
 
 
 def location_coords(location: Tensor, level_sizes: Sequence[tuple[int, int]]) -> tuple[Tensor, Tensor, Tensor]:
@@ -88,7 +89,7 @@ class SPRMaskHead(nn.Module):
     64 ... (each doubling past 32 adds one 64-channel deconv stage).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = (2, 4, 6),
+    def __init__(self, in_channels: int, num_classes: int, dilations: Sequence[int] = DILATIONS,
                  mask_size: int = MASK_SIZE):
         super().__init__()
         stages = mask_size.bit_length() - 4  # 8 -> M px in 2x steps
