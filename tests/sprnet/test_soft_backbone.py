@@ -9,6 +9,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from effdl.errors import EffdlError
 from effdl.soft.attention import SoftAttention
 from effdl.sprnet import DETECTORS, build_detector
+from effdl.sprnet.model import FAMILIES as DETECTOR_FAMILIES
 from effdl.sprnet.model import SOFT_BACKBONES, soft_fpn
 
 FAMILIES = ("sprnet", "retinanet", "maskrcnn")
@@ -109,9 +110,9 @@ def test_images_not_divisible_by_32_are_padded_by_the_transform():
 def test_registry_names_every_soft_variant_for_every_detector():
     soft = set(timm.list_models("soft_*"))
     assert set(SOFT_BACKBONES) == soft and {"soft_tiny", "soft_huge", "soft_norm_tiny", "soft_norm_huge"} <= soft
-    for family in FAMILIES:
-        assert {f"{family}_{name}_fpn" for name in soft} | {f"{family}_resnet18_fpn", f"{family}_resnet50_fpn"} == \
-            {name for name in DETECTORS if name.startswith(f"{family}_")}
+    backbones = soft | {"resnet18", "resnet50"}
+    assert set(DETECTORS) == {f"{family}_{name}_fpn" for family in DETECTOR_FAMILIES for name in backbones}
+    assert {"sprnet", "sprnet_fcos", "retinanet", "maskrcnn"} == set(DETECTOR_FAMILIES)
     norm = build_detector("retinanet_soft_norm_tiny_fpn", 3).backbone.body.net.model
     attention = [m for m in norm.modules() if isinstance(m, SoftAttention)]
     assert attention and all(m.pinv_mode == "soft_norm" for m in attention)  # SOFT++, not SOFT
