@@ -56,7 +56,8 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
-OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123")  # training ablations outside the default set
+# training ablations outside the default set
+OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
