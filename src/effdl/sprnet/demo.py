@@ -59,15 +59,19 @@ def sprnet_stage(out_dir: Path, quick: bool) -> StageReport:
 
 
 def overlay_panels(image: Tensor, prediction: dict[str, Tensor], target: dict[str, Tensor], names: Sequence[str],
-                   score_threshold: float = 0.3, short_side: int = 512) -> list[BoxedImage]:
+                   score_threshold: float = 0.3, short_side: int = 512, max_shown: int = 6) -> list[BoxedImage]:
     """Prediction beside ground truth for ``boxed_images``: the float [3, H, W] image enlarged by a whole factor to
     at least ``short_side`` px, masks enlarged with it, one colour per class in both panels. The prediction panel
-    has the detections scoring above ``score_threshold``, or the 3 best where none does (a short run's model)."""
+    has the detections scoring above ``score_threshold`` (the ``max_shown`` best of them, so a short run's many
+    overlapping guesses do not hide the image), or the 3 best where none does."""
     scale = math.ceil(short_side / min(image.shape[-2:]))
     enlarged = F.interpolate(image[None].float(), scale_factor=scale, mode="bilinear", align_corners=False)[0]
     enlarged = (enlarged.clamp(0, 1) * 255).round().to(torch.uint8)  # (3, H * scale, W * scale)
     keep = (prediction["scores"] > score_threshold).nonzero()[:, 0]
     shown = f"prediction, score > {score_threshold:g}: {len(keep)} shapes"
+    if len(keep) > max_shown:
+        keep = keep[prediction["scores"][keep].argsort(descending=True)[:max_shown]]
+        shown += f", best {max_shown} shown"
     if not len(keep):
         keep = prediction["scores"].argsort(descending=True)[:3]
         shown = f"prediction: none scores > {score_threshold:g}, best {len(keep)} shown"
