@@ -7,13 +7,13 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor
 
-from effdl.core.generate import right_pad
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
 from effdl.flover.kvpool import BlockStore, KVPool
 from effdl.flover.packed_linear import PackedLinears, packed_linear_supported
 from effdl.flover.prefix_cache import BLOCK_SIZE
-from effdl.flover.scheduler import PrefillChunk, StepPlan
+from effdl.flover.ragged import AttentionGroup, ragged_forward
+from effdl.flover.scheduler import StepPlan
 
 
 class ModelRunner:
@@ -61,35 +61,25 @@ class ModelRunner:
         return result
 
     def _run(self, plan: StepPlan) -> tuple[list[str], Tensor]:
-        ids, logits = [], []
-        for group in _contiguous_groups(plan.prefill, self.max_len):
-            out = self._forward(group[0].slot, group[-1].slot + 1, [c.tokens for c in group],
-                                [c.start for c in group])  # (B, V)
-            ids += [c.request_id for c in group if c.sample]
-            logits += [out[i] for i, c in enumerate(group) if c.sample]
+        """The plan's prefill chunks and decode batch as one flat batch: one pass over the weights per step."""
+        groups, tokens, ids, sample_at = [], [], [], []
+        for c in plan.prefill:
+            groups.append(AttentionGroup(len(tokens), c.slot, (c.start,), len(c.tokens)))
+            tokens += c.tokens
+            if c.sample:
+                ids.append(c.request_id)
+                sample_at.append(len(tokens) - 1)
         if plan.decode is not None:
             d = plan.decode
-            out = self._forward(d.lo, d.hi, [[t] for t in d.tokens], d.positions)  # (hi - lo, V)
+            groups.append(AttentionGroup(len(tokens), d.lo, tuple(d.positions), 1))
             ids += [rid for rid, _ in d.rows]
-            logits += [out[row] for _, row in d.rows]
-        return ids, torch.stack(logits).float() if logits else torch.empty(0)
-
-    def _forward(self, lo: int, hi: int, rows: list[list[int]], starts: list[int]) -> Tensor:
-        """Logits at each row's last token for slots [lo, hi), rows right-padded to the longest."""
-        tokens, lengths = right_pad(rows, self.device)  # (B, T), (B,)
-        positions = torch.tensor(starts, device=self.device)  # (B,)
-        return self.model(tokens, positions, self.pool.window(lo, hi), logit_index=lengths - 1)  # (B, V)
-
-
-def _contiguous_groups(chunks: list[PrefillChunk], max_len: int) -> list[list[PrefillChunk]]:
-    """Chunks on consecutive slots, batched into one padded forward while every row's padding fits the slot."""
-    groups: list[list[PrefillChunk]] = []
-    for c in sorted(chunks, key=lambda c: c.slot):
-        group = groups[-1] if groups else None
-        if group and group[-1].slot + 1 == c.slot:
-            width = max(len(c.tokens), *(len(g.tokens) for g in group))
-            if all(g.start + width <= max_len for g in (*group, c)):
-                group.append(c)
-                continue
-        groups.append([c])
-    return groups
+            sample_at += [len(tokens) + row for _, row in d.rows]
+            tokens += d.tokens
+        if not tokens:
+            return [], torch.empty(0)
+        furthest = max(start + g.width for g in groups for start in g.starts)
+        if furthest > self.max_len:
+            raise ValueError(f"positions + new tokens reach {furthest}, past the KV cache length {self.max_len}")
+        logits = ragged_forward(self.model, torch.tensor(tokens, device=self.device), groups, self.pool.cache,
+                                torch.tensor(sample_at, dtype=torch.long, device=self.device))  # (N_sample, V)
+        return ids, logits.float()
