@@ -148,3 +148,25 @@ def test_class_agnostic_finer_and_less_dilated_masks_train_and_detect():
     assert shapes == [(1, 64, 64)] and detection["masks"].shape == (len(detection["boxes"]), 1, 64, 64)
     with pytest.raises(ValueError, match="mask_size must be a power of two"):
         build_detector("sprnet_resnet18_fpn", 3, mask_size=48)
+
+
+@pytest.mark.parametrize(("name", "options"), [("sprnet_resnet18_fpn", {"mask_fg_iou_thresh": 0.3}),
+                                               ("sprnet_fcos_resnet18_fpn", {})])
+def test_mask_loss_samples_distinct_positives_down_to_the_budget_per_image(name, options):
+    torch.manual_seed(0)
+    model = build_detector(name, 3, min_size=64, max_size=64, **options).train()
+    targets = [box_target([[8, 10, 40, 44], [36, 30, 60, 60]], [1, 2], (64, 64))] * 2
+    decoded = []
+    model.mask_head.register_forward_hook(lambda module, args, out: decoded.append(args[1:]))
+
+    def positives_per_image(budget: int) -> list[list[int]]:
+        model.mask_positives_per_image = budget
+        decoded.clear()
+        model([torch.rand(3, 64, 64), torch.rand(3, 64, 64)], targets)
+        images, locations = decoded[0]
+        return [locations[images == i].tolist() for i in range(2)]
+
+    every = positives_per_image(10_000)
+    assert all(len(p) == len(set(p)) > 3 for p in every)
+    for sampled, full in zip(positives_per_image(3), every, strict=True):
+        assert len(set(sampled)) == 3 and set(sampled) <= set(full)  # 3 distinct, each a real positive

@@ -183,6 +183,12 @@ def fcos_assign(gt_boxes: Tensor, anchors: Tensor, level_counts: list[int], radi
     return torch.where(smallest.isfinite(), gt, -1)
 
 
+def scoring_at_least(detection: dict[str, Tensor], thresh: float) -> dict[str, Tensor]:
+    """The detections (every per-detection field) of one image whose score is at least ``thresh``. Cost O(N)."""
+    keep = detection["scores"] >= thresh
+    return {k: v[keep] for k, v in detection.items()}
+
+
 class SPRMixin:
     """The SPR mask branch on a torchvision one-stage detector (``SPRNet``: RetinaNet, ``SPRFCOS``: FCOS).
 
@@ -223,7 +229,8 @@ class SPRMixin:
             return {**losses, "loss_mask": self.mask_loss(features, targets, positives)}
         split_outputs = {k: list(v.split(level_counts, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(level_counts)) for a in anchors]
-        detections = self.detections(split_outputs, split_anchors, images.image_sizes)
+        detections = [scoring_at_least(d, self.mask_score_thresh)
+                      for d in self.detections(split_outputs, split_anchors, images.image_sizes)]
         masks = self.decode_masks(features, detections)
         detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
         return [self.add_masks(d, m, size) for d, m, size in zip(detections, masks, original_sizes, strict=True)]
@@ -254,13 +261,7 @@ class SPRMixin:
 
     @torch.no_grad()
     def decode_masks(self, features: list[Tensor], detections: Targets) -> list[Tensor]:
-        """Drop detections below ``mask_score_thresh``, then decode the kept ones' masks only (never densely).
-
-        Returns (N_i, M, M) box-frame probabilities per image.
-        """
-        for d in detections:
-            keep = d["scores"] >= self.mask_score_thresh
-            d.update({k: v[keep] for k, v in d.items()})
+        """The masks of these detections only (never densely): (N_i, M, M) box-frame probabilities per image."""
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         image = torch.cat([torch.full_like(d["anchor_idx"], i) for i, d in enumerate(detections)])
         location = torch.cat([d.pop("anchor_idx") for d in detections]) // num_anchors
@@ -313,7 +314,7 @@ class SPRNet(SPRMixin, RetinaNet):
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
                        level_counts: list[int]) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
-        positives = [mask_positives(box_iou(t["boxes"], a), num_anchors, self.mask_fg_iou_thresh, len(a))
+        positives = [mask_positives(box_iou(t["boxes"], a), num_anchors, self.mask_fg_iou_thresh)
                      if len(t["boxes"]) else (torch.zeros(0, dtype=torch.long, device=a.device),) * 2
                      for t, a in zip(targets, anchors, strict=True)]
         return self.compute_loss(targets, head_outputs, anchors), positives

@@ -133,15 +133,14 @@ class SPRMaskHead(nn.Module):
         return fine + F.interpolate(self.shortcut(coarse), size=fine.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7,
-                   max_positives: int = 300, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7) -> tuple[Tensor, Tensor]:
     """Mask-training locations of one image and the ground-truth box each reconstructs.
 
     ``iou`` is (G, L * A) between ground-truth boxes and anchors. A location
     is positive when its best anchor's IoU with some box exceeds
-    ``fg_iou_thresh``; every box also claims its best location. At most
-    ``max_positives`` are kept, sampled uniformly. Returns (location, gt) index
-    tensors of equal length. Cost O(G * L * A).
+    ``fg_iou_thresh``; every box also claims its best location (the mask loss
+    samples them down to its budget). Returns (location, gt) index tensors of
+    equal length. Cost O(G * L * A).
     """
     best_per_location, _ = iou.unflatten(1, (-1, num_anchors)).max(2)  # (G, L)
     best_iou, gt = best_per_location.max(0)  # (L,)
@@ -150,8 +149,6 @@ def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7,
     gt[claimed] = torch.arange(len(claimed), device=iou.device)
     positive[claimed] = True
     location = positive.nonzero().flatten()
-    if len(location) > max_positives:
-        location = location[torch.randperm(len(location), generator=generator, device=iou.device)[:max_positives]]
     return location, gt[location]
 
 
