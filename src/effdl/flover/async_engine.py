@@ -68,6 +68,11 @@ class _Stream:
     first_token: float | None = None
 
 
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, out in items:
+        outputs.put_nowait(out)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
         self.engine, self.idle_wait_s = engine, idle_wait_s
@@ -215,6 +220,7 @@ class AsyncEngine:
         new_tokens = sum(len(o.new_token_ids) for o in outputs)
         self.tokens_total += new_tokens
         self._recent = [(t, n) for t, n in self._recent if now - t < 10.0] + [(now, new_tokens)]
+        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             stream = self._streams.get(out.id)
             if stream is None:
@@ -229,7 +235,9 @@ class AsyncEngine:
                 self.prompt_tokens_total += out.num_prompt_tokens
                 self.finished[out.finish_reason or "error"] += 1
                 self._streams.pop(out.id, None)
-            stream.loop.call_soon_threadsafe(stream.outputs.put_nowait, out)
+            deliveries.setdefault(stream.loop, []).append((stream.outputs, out))
+        for loop, items in deliveries.items():  # one wake-up per loop and step, not one per token
+            loop.call_soon_threadsafe(_deliver, items)
 
     # -- observability ------------------------------------------------------------------------------------
 
