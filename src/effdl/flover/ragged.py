@@ -64,7 +64,7 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
     positions = torch.cat([(torch.tensor(g.starts, device=device)[:, None] + torch.arange(g.width, device=device))
                            .flatten() for g in groups])  # (N,)
     window = model.config.sliding_window
-    masks = [_group_mask(positions[g.offset:g.offset + g.size].view(g.rows, g.width), window) for g in groups]
+    masks = [_group_mask(g, positions[g.offset:g.offset + g.size].view(g.rows, g.width), window) for g in groups]
     cos, sin = model.rope(positions[None])  # (1, 1, N, Dh) each
     h = model.embed(tokens[None])  # (1, N, D)
     for i, layer in enumerate(model.layers):
@@ -80,12 +80,14 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
     return model.head(h[0, logit_index])  # (n, V)
 
 
-def _group_mask(positions: Tensor, window: int | None) -> Tensor | None:
-    """The boolean mask (B, 1, T, S) for a group's positions (B, T), or None where SDPA's is_causal is the same."""
-    B, T = positions.shape
-    if B == 1 and int(positions[0, 0]) == 0 and (window is None or window >= T):
+def _group_mask(g: AttentionGroup, positions: Tensor, window: int | None) -> Tensor | None:
+    """The boolean mask (B, 1, T, S) for a group's positions (B, T), or None where SDPA's is_causal is the same.
+
+    Decided from the group's plain ints, so a CUDA step does not wait on the device for it.
+    """
+    if g.rows == 1 and g.starts[0] == 0 and (window is None or window >= g.width):
         return None  # a prompt's first chunk: plain causal attention over its own T keys
-    return causal_mask(positions, int(positions.max()) + 1, window)
+    return causal_mask(positions, max(g.starts) + g.width, window)
 
 
 def _group_attention(attention: torch.nn.Module, q: Tensor, cache_k: Tensor, cache_v: Tensor, g: AttentionGroup,
