@@ -79,7 +79,7 @@ def test_slot_table_allocates_next_to_the_live_span():
         table.move(2, 5)
 
 
-def test_pool_move_copies_every_layer_and_window_is_a_view():
+def test_pool_move_copies_every_layer():
     cfg = ModelConfig.preset("tiny")
     pool = KVPool(cfg, 4, 16)
     pool.cache.k[:, 3].normal_()
@@ -88,5 +88,3 @@ def test_pool_move_copies_every_layer_and_window_is_a_view():
     torch.testing.assert_close(pool.cache.k[:, 1, :, :10], pool.cache.k[:, 3, :, :10], rtol=0, atol=0)
     torch.testing.assert_close(pool.cache.v[:, 1, :, :10], pool.cache.v[:, 3, :, :10], rtol=0, atol=0)
     assert pool.cache.k[:, 1, :, 10:].abs().sum() == 0
-    pool.window(1, 3).k.fill_(7.0)
-    assert (pool.cache.k[:, 1:3] == 7.0).all() and (pool.cache.k[:, 0] == 0).all()

@@ -88,3 +88,12 @@ def test_flat_pass_of_decode_rows_alone_equals_a_naive_softmax_decode():
             outs.append(weights @ values)  # (H, 1, Dh)
         h = layer.ffn_residual(layer.attention_residual(h, torch.stack(outs)))
     torch.testing.assert_close(logits, model.head(h[:, 0]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_past_the_cache_length_is_refused_before_anything_is_written():
+    model = Transformer(CONFIGS["mha"]).eval()
+    cache = KVCache.allocate(model.config, SLOTS, MAX_LEN)
+    with pytest.raises(ValueError, match=f"reach {MAX_LEN + 2}, past the KV cache length {MAX_LEN}"):
+        ragged_forward(model, torch.zeros(4, dtype=torch.long), [AttentionGroup(0, 1, (MAX_LEN - 2,), 4)], cache,
+                       torch.tensor([3]))
+    assert cache.k.abs().sum() == 0 and cache.v.abs().sum() == 0

@@ -86,15 +86,11 @@ class SlotTable:
 
 
 class KVPool:
-    """The preallocated cache ``k, v: (L, slots, K, max_len, Dh)`` and the two things done to it."""
+    """The preallocated cache ``k, v: (L, slots, K, max_len, Dh)`` and the slot copy the shuffle needs."""
 
     def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
         self.cache = KVCache.allocate(cfg, n_slots, max_len, device=device, dtype=dtype)
-
-    def window(self, lo: int, hi: int) -> KVCache:
-        """Slots [lo, hi) as a KVCache view: the model writes through it into the pool."""
-        return KVCache(self.cache.k[:, lo:hi], self.cache.v[:, lo:hi])
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` positions of slot ``src`` into slot ``dst`` (all layers)."""

@@ -56,8 +56,11 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
     itself. Equals running each group as its own cached ``model`` forward.
     Cost: one pass of the linears over N tokens, plus per group
     O(rows * width * kv_len * H * Dh) attention, kv_len being the group's
-    furthest position + 1.
+    furthest position + 1. Raises ``ValueError`` when a group reaches past the cache.
     """
+    furthest = max(start + g.width for g in groups for start in g.starts)
+    if furthest > cache.max_len:
+        raise ValueError(f"positions + new tokens reach {furthest}, past the KV cache length {cache.max_len}")
     device = tokens.device
     slots = torch.cat([torch.arange(g.first_slot, g.first_slot + g.rows, device=device).repeat_interleave(g.width)
                        for g in groups])  # (N,)

@@ -24,7 +24,7 @@ class ModelRunner:
         ``prefix_rows``: blocks of ``block_size`` tokens in the prefix cache's ``BlockStore`` (0: no prefix cache).
         """
         param = next(model.parameters())
-        self.model, self.max_len = model.eval(), max_len
+        self.model = model.eval()
         self.device = param.device
         use_packed = packed_linears and packed_linear_supported(param.device, param.dtype)
         self.linears = PackedLinears(model) if use_packed else None
@@ -77,9 +77,6 @@ class ModelRunner:
             tokens += d.tokens
         if not tokens:
             return [], torch.empty(0)
-        furthest = max(start + g.width for g in groups for start in g.starts)
-        if furthest > self.max_len:
-            raise ValueError(f"positions + new tokens reach {furthest}, past the KV cache length {self.max_len}")
         logits = ragged_forward(self.model, torch.tensor(tokens, device=self.device), groups, self.pool.cache,
                                 torch.tensor(sample_at, dtype=torch.long, device=self.device))  # (N_sample, V)
         return ids, logits.float()
