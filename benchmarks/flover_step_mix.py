@@ -27,6 +27,7 @@ from effdl.report import bar_plot
 
 HERE = Path(__file__).parent
 KINDS = ("decode only", "mixed")
+OUTPUT_LEN = 64  # greedy tokens per request, as in flover_vs_vllm.py
 
 
 def replay(interval_ms: float) -> dict:
@@ -43,8 +44,8 @@ def replay(interval_ms: float) -> dict:
     model = Transformer(MODEL)
     model.reset_parameters(std=0.1)
     engine = Engine(model.eval(), None, max_slots=32, max_len=512)
-    workload = poisson_workload(32, interval_ms, (16, 127), (64, 64), MODEL.vocab_size, 0)
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    workload = poisson_workload(32, interval_ms, (16, 127), (OUTPUT_LEN, OUTPUT_LEN), MODEL.vocab_size, 0)
+    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
     for r in workload[:4]:  # warm-up, as the server benchmark does
         engine.add_request(r.prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished():
@@ -76,8 +77,8 @@ def replay(interval_ms: float) -> dict:
             if out.finished:
                 done[out.id] = time.monotonic()
     wall = time.monotonic() - start
-    return {"tokens_per_s": 64 * len(workload) / wall,
-            "mean_tpot_ms": 1e3 * statistics.mean((done[r] - first[r]) / 63 for r in done),
+    return {"tokens_per_s": OUTPUT_LEN * len(workload) / wall,
+            "mean_tpot_ms": 1e3 * statistics.mean((done[r] - first[r]) / (OUTPUT_LEN - 1) for r in done),
             "steps": {kind: {"count": len(t), "mean_ms": 1e3 * statistics.mean(t) if t else 0.0,
                              "total_s": sum(t)} for kind, t in steps.items()}}
 
