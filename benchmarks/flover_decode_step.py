@@ -1,9 +1,12 @@
-"""Where a Flover decode step's time goes, with the model's own linears and with oneDNN-packed ones, same run.
+"""Where a Flover decode step's time goes, on three runner paths in the same run.
 
-The model of ``flover_vs_vllm.py`` (33.7M-param Llama, fp32) in an in-process ``Engine``: ``rows`` requests
-with prompts of 16-127 tokens decode greedily together. Reports the median decode step per batch size for both
-linear paths (interleaved, so a busy machine slows both alike), and at the largest batch the share of each
-operator (torch.profiler) and of Python around them. Shares are of the profiled steps' wall time.
+The paths: the model's own linears with masked SDPA; oneDNN-packed linears with masked SDPA (the runner before
+the live-length kernel); packed linears with ``decode_attention``, each row attending over its own length (the
+runner's default). The model of ``flover_vs_vllm.py`` (33.7M-param Llama, fp32) in an in-process ``Engine``:
+``rows`` requests with prompts of 16-127 tokens decode greedily together. Reports the median decode step per
+batch size for every path (interleaved, so a busy machine slows all alike), and at the largest batch the share of
+each operator (torch.profiler) and of Python around them, for the last two paths: the breakdown before and after.
+Shares are of the profiled steps' wall time.
 
     python benchmarks/flover_decode_step.py [--rows 1 4 8 32 --steps 30]
 """
@@ -25,14 +28,17 @@ from effdl.flover.engine import Engine
 from effdl.flover.request import SamplingParams
 from effdl.report import bar_plot
 
-PATHS = ("model's linears", "oneDNN packed")
+# path -> (packed linears, live-length decode attention)
+PATHS = {"model's linears": (False, False), "oneDNN packed": (True, False), "packed + live-length": (True, True)}
 
 
-def running_engine(model: Transformer, rows: int, packed: bool, max_tokens: int) -> Engine:
-    """An engine whose ``rows`` requests are all past prefill, so that every further step is a pure decode."""
+def running_engine(model: Transformer, rows: int, path: str, max_tokens: int) -> Engine:
+    """An engine on ``path`` whose ``rows`` requests are all past prefill, so that every further step is a decode."""
     engine = Engine(model, None, max_slots=32, max_len=512)
+    packed, live = PATHS[path]
     if not packed:
         engine.runner.linears = None
+    engine.runner.live_decode &= live
     rng = random.Random(0)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     for _ in range(rows):
@@ -44,7 +50,7 @@ def running_engine(model: Transformer, rows: int, packed: bool, max_tokens: int)
 
 def step_times(model: Transformer, rows: int, steps: int) -> dict[str, float]:
     """Median decode-step seconds per path, the two paths' steps interleaved."""
-    engines = {path: running_engine(model, rows, path == PATHS[1], steps + 2) for path in PATHS}
+    engines = {path: running_engine(model, rows, path, steps + 2) for path in PATHS}
     times: dict[str, list[float]] = {path: [] for path in PATHS}
     for _ in range(steps):
         for path, engine in engines.items():
@@ -54,9 +60,9 @@ def step_times(model: Transformer, rows: int, steps: int) -> dict[str, float]:
     return {path: statistics.median(t) for path, t in times.items()}
 
 
-def breakdown(model: Transformer, rows: int, packed: bool, steps: int = 10) -> dict[str, float]:
-    """Share of each top operator, and of everything else, in ``steps`` profiled decode steps."""
-    engine = running_engine(model, rows, packed, steps + 2)
+def breakdown(model: Transformer, rows: int, path: str, steps: int = 10) -> dict[str, float]:
+    """Share of each top operator, and of everything else, in ``steps`` profiled decode steps on ``path``."""
+    engine = running_engine(model, rows, path, steps + 2)
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -77,19 +83,20 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer(MODEL).eval()
     medians = {rows: step_times(model, rows, args.steps) for rows in args.rows}
-    rows = [(n, f"{1e3 * m[PATHS[0]]:.1f}", f"{1e3 * m[PATHS[1]]:.1f}", f"{m[PATHS[0]] / m[PATHS[1]]:.2f}x")
-            for n, m in medians.items()]
-    breakdown(model, 1, packed=False, steps=2)  # the profiler's own start-up, kept out of the shares below
-    shares = {path: breakdown(model, max(args.rows), path == PATHS[1]) for path in PATHS}
+    names = list(PATHS)
+    rows = [(n, *(f"{1e3 * m[path]:.1f}" for path in names), f"{m[names[0]] / m[names[1]]:.2f}x",
+             f"{m[names[1]] / m[names[2]]:.2f}x") for n, m in medians.items()]
+    breakdown(model, 1, names[0], steps=2)  # the profiler's own start-up, kept out of the shares below
+    shares = {path: breakdown(model, max(args.rows), path) for path in names[1:]}
     for path, parts in shares.items():
-        rows += [(f"{max(args.rows)} rows, {path}: {name}", "", "", f"{100 * share:.0f}%")
+        rows += [(f"{max(args.rows)} rows, {path}: {name}", "", "", "", "", f"{100 * share:.0f}%")
                  for name, share in parts.items()]
     report("flover_decode_step", f"Flover decode step, {MODEL.num_params() / 1e6:.1f}M Llama fp32 (median ms)",
-           ["rows", f"{PATHS[0]} ms", f"{PATHS[1]} ms", "speedup / share"], rows,
+           ["rows", *(f"{path} ms" for path in names), "packed speedup", "live-length speedup / share"], rows,
            extra={"medians_s": {str(k): v for k, v in medians.items()}, "breakdown": shares})
     bar_plot(RESULTS / "flover_decode_step.png", [f"{n} rows" for n in medians],
-             {path: [1e3 * m[path] for m in medians.values()] for path in PATHS},
-             title="Flover decode step: the model's linears vs oneDNN-packed", ylabel="median ms per step",
+             {path: [1e3 * m[path] for m in medians.values()] for path in names},
+             title="Flover decode step by runner path (lower is better)", ylabel="median ms per step",
              value_format="{:.1f}")
 
 

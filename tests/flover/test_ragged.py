@@ -30,9 +30,10 @@ def history(model: Transformer, lengths: dict[int, int], seed: int) -> KVCache:
     return cache
 
 
+@pytest.mark.parametrize("live_decode", [False, True], ids=["masked SDPA", "live-length kernel"])
 @pytest.mark.parametrize("name", CONFIGS)
 @torch.inference_mode()
-def test_one_flat_pass_equals_each_group_as_its_own_forward(name):
+def test_one_flat_pass_equals_each_group_as_its_own_forward(name, live_decode):
     torch.manual_seed(0)
     model = Transformer(CONFIGS[name]).eval()
     V = model.config.vocab_size
@@ -50,7 +51,7 @@ def test_one_flat_pass_equals_each_group_as_its_own_forward(name):
     groups.append(AttentionGroup(offset, 3, decode_starts, 1))
     flat = torch.cat([t for _, _, t in chunks] + [decode_tokens])  # (N,)
     sample_at = torch.tensor([5, 16, 17, 18, 19, 20])  # both chunks' last tokens and every decode row
-    logits = ragged_forward(model, flat, groups, ours, sample_at)
+    logits = ragged_forward(model, flat, groups, ours, sample_at, live_decode)
 
     expected = []
     for slot, start, tokens in chunks:
@@ -63,8 +64,9 @@ def test_one_flat_pass_equals_each_group_as_its_own_forward(name):
     torch.testing.assert_close(ours.v, reference.v, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("live_decode", [False, True], ids=["masked SDPA", "live-length kernel"])
 @torch.inference_mode()
-def test_flat_pass_of_decode_rows_alone_equals_a_naive_softmax_decode():
+def test_flat_pass_of_decode_rows_alone_equals_a_naive_softmax_decode(live_decode):
     """Independent of the model's own cached path: attention written out as softmax(q k^T / sqrt(Dh)) v."""
     torch.manual_seed(0)
     cfg = CONFIGS["gqa"]
@@ -73,7 +75,7 @@ def test_flat_pass_of_decode_rows_alone_equals_a_naive_softmax_decode():
     cache = history(model, {1: 4, 2: 11, 3: 2}, seed=2)
     tokens = torch.randint(0, cfg.vocab_size, (3,))
     before = KVCache(cache.k.clone(), cache.v.clone())
-    logits = ragged_forward(model, tokens, [AttentionGroup(0, 1, starts, 1)], cache, torch.arange(3))
+    logits = ragged_forward(model, tokens, [AttentionGroup(0, 1, starts, 1)], cache, torch.arange(3), live_decode)
 
     h = model.embed(tokens[:, None])  # (B, 1, D)
     cos, sin = model.rope(torch.tensor(starts)[:, None])

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effdl.core.transformer import KVCache, Transformer, causal_mask
+from effdl.flover.decode_attention import decode_attention
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class AttentionGroup:
 
 
 def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGroup], cache: KVCache,
-                   logit_index: Tensor) -> Tensor:
+                   logit_index: Tensor, live_decode: bool = False) -> Tensor:
     """Logits (n, V) at the step's tokens ``logit_index`` (n,), for the flat token batch ``tokens`` (N,).
 
     The groups tile [0, N) in order. Each token's key and value are written
@@ -56,7 +57,10 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
     itself. Equals running each group as its own cached ``model`` forward.
     Cost: one pass of the linears over N tokens, plus per group
     O(rows * width * kv_len * H * Dh) attention, kv_len being the group's
-    furthest position + 1. Raises ``ValueError`` when a group reaches past the cache.
+    furthest position + 1. With ``live_decode``, one-token groups attend
+    through ``decode_attention`` (fp32 CPU, kernel built) over each row's own
+    length instead of masked SDPA up to the longest row. Raises
+    ``ValueError`` when a group reaches past the cache.
     """
     furthest = max(start + g.width for g in groups for start in g.starts)
     if furthest > cache.max_len:
@@ -67,7 +71,10 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
     positions = torch.cat([(torch.tensor(g.starts, device=device)[:, None] + torch.arange(g.width, device=device))
                            .flatten() for g in groups])  # (N,)
     window = model.config.sliding_window
-    masks = [_group_mask(g, positions[g.offset:g.offset + g.size].view(g.rows, g.width), window) for g in groups]
+    lengths = [torch.tensor(g.starts, device=device) + 1 if live_decode and g.width == 1 else None
+               for g in groups]  # (B,) keys per decode row
+    masks = [None if n is not None else _group_mask(g, positions[g.offset:g.offset + g.size].view(g.rows, g.width),
+                                                      window) for g, n in zip(groups, lengths, strict=True)]
     cos, sin = model.rope(positions[None])  # (1, 1, N, Dh) each
     h = model.embed(tokens[None])  # (1, N, D)
     for i, layer in enumerate(model.layers):
@@ -76,9 +83,9 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
         cache_k[slots, :, positions] = k[0].transpose(0, 1)  # (N, K, Dh)
         cache_v[slots, :, positions] = v[0].transpose(0, 1)
         o = torch.empty_like(q)  # (1, H, N, Dh)
-        for g, mask in zip(groups, masks, strict=True):
+        for g, mask, n in zip(groups, masks, lengths, strict=True):
             o[0, :, g.offset:g.offset + g.size] = _group_attention(layer.attention, q[0, :, g.offset:g.offset + g.size],
-                                                                   cache_k, cache_v, g, mask)
+                                                                   cache_k, cache_v, g, mask, n, window)
         h = layer.ffn_residual(layer.attention_residual(h, o))
     return model.head(h[0, logit_index])  # (n, V)
 
@@ -94,11 +101,16 @@ def _group_mask(g: AttentionGroup, positions: Tensor, window: int | None) -> Ten
 
 
 def _group_attention(attention: torch.nn.Module, q: Tensor, cache_k: Tensor, cache_v: Tensor, g: AttentionGroup,
-                     mask: Tensor | None) -> Tensor:
-    """One group's attention output (H, G, Dh) for its queries q (H, G, Dh) over its slots' cache."""
+                     mask: Tensor | None, lengths: Tensor | None, window: int | None) -> Tensor:
+    """One group's attention output (H, G, Dh) for its queries q (H, G, Dh) over its slots' cache.
+
+    ``lengths`` (B,): a one-token group through the live-length kernel; else SDPA with ``mask``.
+    """
     H, _, Dh = q.shape
-    kv_len = mask.shape[-1] if mask is not None else g.width
     slots = slice(g.first_slot, g.first_slot + g.rows)
+    if lengths is not None:
+        return decode_attention(q.transpose(0, 1), cache_k[slots], cache_v[slots], lengths, window).transpose(0, 1)
+    kv_len = mask.shape[-1] if mask is not None else g.width
     q = q.view(H, g.rows, g.width, Dh).transpose(0, 1)  # (B, H, T, Dh)
     out = F.scaled_dot_product_attention(
         q, cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], attn_mask=mask, is_causal=mask is None,

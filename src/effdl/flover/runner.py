@@ -9,6 +9,7 @@ from torch import Tensor
 
 from effdl.core.transformer import Transformer
 from effdl.errors import EffdlError
+from effdl.flover.decode_attention import decode_kernel_supported, load_decode_kernel
 from effdl.flover.kvpool import BlockStore, KVPool
 from effdl.flover.packed_linear import PackedLinears, packed_linear_supported
 from effdl.flover.prefix_cache import BLOCK_SIZE
@@ -18,8 +19,11 @@ from effdl.flover.scheduler import StepPlan
 
 class ModelRunner:
     def __init__(self, model: Transformer, n_slots: int, max_len: int, packed_linears: bool = True,
-                 prefix_rows: int = 0, block_size: int = BLOCK_SIZE):
+                 live_decode: bool = True, prefix_rows: int = 0, block_size: int = BLOCK_SIZE):
         """``packed_linears``: on CPU in fp32, run the linears through oneDNN's prepacked GEMM (``packed_linear``).
+
+        ``live_decode``: on CPU in fp32, decode rows attend over their own lengths through the compiled kernel
+        of ``decode_attention`` (built on first use; masked SDPA where it cannot be built).
 
         ``prefix_rows``: blocks of ``block_size`` tokens in the prefix cache's ``BlockStore`` (0: no prefix cache).
         """
@@ -28,6 +32,8 @@ class ModelRunner:
         self.device = param.device
         use_packed = packed_linears and packed_linear_supported(param.device, param.dtype)
         self.linears = PackedLinears(model) if use_packed else None
+        self.live_decode = (live_decode and decode_kernel_supported(param.device, param.dtype)
+                            and load_decode_kernel() is not None)
         cfg = model.config
         token_bytes = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * param.element_size()
         try:
@@ -78,5 +84,6 @@ class ModelRunner:
         if not tokens:
             return [], torch.empty(0)
         logits = ragged_forward(self.model, torch.tensor(tokens, device=self.device), groups, self.pool.cache,
-                                torch.tensor(sample_at, dtype=torch.long, device=self.device))  # (N_sample, V)
+                                torch.tensor(sample_at, dtype=torch.long, device=self.device),
+                                self.live_decode)  # (N_sample, V)
         return ids, logits.float()
