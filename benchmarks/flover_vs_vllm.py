@@ -238,7 +238,8 @@ def plot(path: Path = RESULTS / "flover_vs_vllm.json") -> None:
     categories = [f"mean arrival interval {i:g} ms\n{EFFDL} = {value[f'{i:g}', f'{EFFDL}/{VLLM}']} {VLLM}"
                   for i in args["intervals"]]
     bar_plot(path.with_suffix(".png"), categories, series,
-             title=f"{EFFDL} vs {VLLM} {results['versions']['vllm']} on CPU: {args['requests']} Poisson requests, "
+             title=f"{EFFDL} vs {VLLM} {results['versions']['vllm']} on CPU, {args['preset'] or '33.7M Llama'}, "
+             f"vLLM threads bound {args['vllm_omp_bind']}\n{args['requests']} Poisson requests, "
              f"{args['output_len']} tokens each, median of {args['repeats']} runs",
              ylabel="output tokens/s (higher is better)")
 

@@ -177,28 +177,60 @@ class BoxedImage:
     masks: Sequence[Any] = field(default_factory=list)  # none, or a bool (H, W) array per box
 
 
+def caption_extent(font_size: float, dpi: float) -> tuple[float, float]:
+    """(px per character, px of height) of one caption in ``boxed_images``, its padding included.
+
+    A DejaVu Sans character is about 0.6 em wide on average; the estimate leans wide so labels never touch.
+    """
+    points = dpi / 72
+    return 0.65 * font_size * points, 1.5 * font_size * points
+
+
+def caption_tops(boxes: Sequence[Sequence[float]], captions: Sequence[str], char_px: float, line_px: float
+                 ) -> list[float]:
+    """The top edge (px) of each box's caption, so that no two captions overlap.
+
+    A caption sits just above its box where that is on the image, else just
+    inside its top edge; where an earlier caption holds that place, it steps
+    down one line at a time until it is free. Near-duplicate boxes, as a
+    short training run predicts, get stacked labels instead of one unreadable
+    pile. Cost: O(n^2) for n boxes.
+    """
+    placed: list[tuple[float, float, float, float]] = []  # (left, right, top, bottom) of each caption so far
+    tops = []
+    for (x0, y0, *_), caption in zip(boxes, captions, strict=True):
+        right = x0 + char_px * len(caption)
+        first = y0 - line_px if y0 >= line_px else y0
+        # Each placed caption blocks at most two of these steps, so one of them is free.
+        for top in (first + k * line_px for k in range(2 * len(placed) + 1)):
+            if all(right <= left or x0 >= r or top + line_px <= t or top >= b for left, r, t, b in placed):
+                break
+        placed.append((x0, right, top, top + line_px))
+        tops.append(top)
+    return tops
+
+
 def boxed_images(path: str | Path, panels: Sequence[BoxedImage], *, title: str, font_size: int = 13) -> Path:
     """One PNG of images side by side, each shown at its own pixel size (give them already enlarged: boxes, mask
     outlines and captions are drawn at the output resolution, so they stay sharp and legible). Masks are outlined
     and lightly tinted rather than painted over, so the object under them stays visible."""
     dpi = 100
     height, width = panels[0].pixels.shape[:2]
+    label = caption_extent(font_size, dpi)
     fig, axes = _pyplot().subplots(1, len(panels), figsize=(len(panels) * (width / dpi + 0.3), height / dpi + 1.0),
                                    dpi=dpi, squeeze=False)
     for ax, panel in zip(axes[0], panels, strict=True):
         ax.imshow(panel.pixels, interpolation="nearest")
         masks = panel.masks or [None] * len(panel.boxes)
-        for (x0, y0, x1, y1), caption, color, mask in zip(panel.boxes, panel.captions, panel.colors, masks,
-                                                           strict=True):
+        tops = caption_tops(panel.boxes, panel.captions, *label)
+        for (x0, y0, x1, y1), caption, color, mask, top in zip(panel.boxes, panel.captions, panel.colors, masks,
+                                                                tops, strict=True):
             if mask is not None and mask.any():
                 ax.contourf(mask, levels=[0.5, 1.5], colors=[color], alpha=0.25)
                 ax.contour(mask, levels=[0.5], colors=[color], linewidths=2)
             ax.add_patch(_pyplot().Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=2.5))
-            # Above the box, or just inside it where the box touches the top edge.
-            above = y0 > 1.6 * font_size
-            ax.text(x0, y0 if above else y0 + 2, caption, color="white", fontsize=font_size,
-                    va="bottom" if above else "top", bbox=dict(facecolor=color, edgecolor="none", pad=1.5),
-                    clip_on=True)
+            ax.text(x0, top, caption, color="white", fontsize=font_size, va="top",
+                    bbox=dict(facecolor=color, edgecolor="none", pad=1.5), clip_on=True)
         # Back to the image's own extent: patches and contours would otherwise widen the limits and shrink it.
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
