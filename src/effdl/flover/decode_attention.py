@@ -17,7 +17,9 @@ and the runner keeps masked SDPA.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import platform
 import warnings
 from pathlib import Path
 
@@ -42,13 +44,21 @@ def load_decode_kernel() -> object | None:
         from torch.utils.cpp_extension import load
 
         with console.status("building Flover's decode-attention kernel (once per machine, about 30 s)"):
-            return load(name="effdl_decode_attention", sources=[str(SOURCE)],
+            return load(name=f"effdl_decode_attention_{_cpu_tag()}", sources=[str(SOURCE)],
                         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as error:  # a missing compiler, headers or OpenMP: serve with masked SDPA instead
         warnings.warn(f"Flover's decode-attention kernel could not be built ({type(error).__name__}: "
                       f"{str(error).strip().splitlines()[-1] if str(error).strip() else ''}); decode steps use "
                       "masked SDPA over the longest row instead", RuntimeWarning, stacklevel=2)
         return None
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags: a build for one CPU (``-march=native``) is never loaded on
+    another that shares the extensions cache (a home directory on NFS, say)."""
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "") \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, window: int | None = None) -> Tensor:
