@@ -38,14 +38,14 @@ STUBS = ["apt-get", "pip", "python", "effdl"]
 
 def test_test_command_runs_as_root_without_sudo(tmp_path):
     calls = run_with_stubs(readme_command("tests"), tmp_path, STUBS)
-    assert calls[:2] == ["apt-get update", "apt-get install -y dataset-fashion-mnist"]
+    assert calls[:2] == ["apt-get update", "apt-get install -y dataset-fashion-mnist g++"]
     assert calls[-1] == "python -m pytest -q"
 
 
 def test_test_command_uses_sudo_where_it_exists(tmp_path):
     calls = run_with_stubs(readme_command("tests"), tmp_path, [*STUBS, "sudo"])
     assert calls[:2] == ["sudo apt-get update", "apt-get update"]
-    assert "sudo apt-get install -y dataset-fashion-mnist" in calls
+    assert "sudo apt-get install -y dataset-fashion-mnist g++" in calls
     assert not any(c.startswith("sudo pip") for c in calls)  # pip installs into the user's environment
     assert calls[-1] == "python -m pytest -q"
 
