@@ -44,7 +44,8 @@ from effdl.sprnet.train import (
     train_detector,
 )
 
-# run name -> (model family, training options, pretrained backbone?)
+# run name -> (model family, options, pretrained backbone?); an option that names a ``DetectionTrainConfig`` field
+# sets it (mask_head_lr_scale), the others are model options
 RUNS: dict[str, tuple[str, dict, bool]] = {
     "maskrcnn": ("maskrcnn", {}, True),
     "retinanet": ("retinanet", {}, True),
@@ -53,11 +54,14 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-agnostic": ("sprnet_fcos", {"class_agnostic_masks": True}, True),
     "sprnet_fcos-mask64": ("sprnet_fcos", {"mask_size": 64}, True),
     "sprnet_fcos-dilations123": ("sprnet_fcos", {"mask_dilations": [1, 2, 3]}, True),
+    "sprnet_fcos-relu": ("sprnet_fcos", {"softplus_distances": False}, True),  # torchvision's ReLU distances
+    "sprnet_fcos-masklr10": ("sprnet_fcos", {"mask_head_lr_scale": 10.0}, True),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
-OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123")
+OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
+                 "sprnet_fcos-masklr10")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -93,11 +97,14 @@ def run_config(args: argparse.Namespace, run: str) -> DetectionTrainConfig:
     """One run's config: everything but the model, its options and its start is shared by all runs."""
     family, options, pretrained = RUNS[run]
     model = f"{family}_{args.backbone}_fpn"
-    return DetectionTrainConfig(
+    fields = {f.name for f in dataclasses.fields(DetectionTrainConfig)}
+    config_options = {k: v for k, v in options.items() if k in fields}
+    return DetectionTrainConfig(**config_options,
         model=model, backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
         shapes_val_images=args.val_images, shapes_image_size=args.image_size, min_size=args.image_size,
         max_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eval_every=args.eval_every, maskrcnn_rois_per_image=args.maskrcnn_rois, model_options=options,
+        eval_every=args.eval_every, maskrcnn_rois_per_image=args.maskrcnn_rois,
+        model_options={k: v for k, v in options.items() if k not in fields},
         weights_backbone=pretrained_backbone(args) if pretrained else None,
         out_dir=f"runs/bench-sprnet/{model if run == family else run.replace(family, model, 1)}")
 

@@ -103,3 +103,27 @@ def test_a_data_error_stops_training_before_the_first_step(shapes, tmp_path):
         _config(root, tmp_path, model_options={"min_size": 64})
     out = effdl("train", "--data", str(root), "--model-option", "mask_size")
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
+
+
+def test_the_mask_head_trains_at_its_own_multiple_of_the_learning_rate(shapes, tmp_path, monkeypatch):
+    """``mask_head_lr_scale`` puts exactly the SPR mask head's parameters in a group of their own."""
+    import effdl.sprnet.train as train_module
+
+    groups = []
+    real_adamw = torch.optim.AdamW
+
+    def recording_adamw(params, **kw):
+        groups.extend(params)
+        return real_adamw(params, **kw)
+
+    monkeypatch.setattr(train_module.torch.optim, "AdamW", recording_adamw)
+    cfg = _config(shapes, tmp_path / "run", model="sprnet_fcos_resnet18_fpn", epochs=0.5, mask_head_lr_scale=5.0)
+    train_detector(cfg, progress=False)
+    model, _, _ = load_detector(tmp_path / "run", device="cpu")
+    head = [g for g in groups if g.get("lr_scale") == 5.0]
+    assert len(head) == 1 and len(head[0]["params"]) == len(list(model.mask_head.parameters()))
+    assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(EffdlError, match="mask_head_lr_scale is for the SPR families"):
+        _config(shapes, tmp_path, model="maskrcnn", mask_head_lr_scale=5.0)
+    with pytest.raises(EffdlError, match="mask_head_lr_scale must be positive"):
+        _config(shapes, tmp_path, model="sprnet_fcos_resnet18_fpn", mask_head_lr_scale=0.0)

@@ -133,3 +133,20 @@ def test_checkpoint_errors_are_clear(tmp_path):
         read_trainer_state(tmp_path / "run", "effdl soft train")
     with pytest.raises(EffdlError, match="holds no model.safetensors"):
         read_weights(tmp_path / "empty")
+
+
+def test_a_group_with_lr_scale_runs_at_that_multiple_of_the_schedule(tmp_path):
+    task = _task()
+    weight, bias = task.model.weight, task.model.bias
+    task.optimizer = torch.optim.AdamW([{"params": [weight]}, {"params": [bias], "lr_scale": 10.0}], lr=0.05)
+    seen = []
+    step_fn = task.optimizer.step
+
+    def recording_step(*args, **kw):
+        seen.append([g["lr"] for g in task.optimizer.param_groups])
+        return step_fn(*args, **kw)
+
+    task.optimizer.step = recording_step
+    fit(task, _loop(tmp_path, steps=6, out_dir=None), progress=False)
+    schedule = [warmup_cosine_lr(s, 6, 4, 0.05, 0.1) for s in range(6)]
+    assert seen == [pytest.approx([lr, 10 * lr]) for lr in schedule]

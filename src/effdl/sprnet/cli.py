@@ -89,6 +89,9 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
                        help=f"P3 anchor px (default {d['smallest_anchor']})")
     train.add_argument("--weights-backbone", dest="weights_backbone",
                        help="local torchvision ResNet state dict, or a SOFT checkpoint for soft_* backbones")
+    train.add_argument("--mask-head-lr-scale", dest="mask_head_lr_scale", type=float,
+                       help="SPR families: the mask head's learning rate as a multiple of --lr "
+                            f"(default {d['mask_head_lr_scale']:g})")
     train.add_argument("--model-option", dest="model_options", action="append", type=_model_option,
                        metavar="KEY=VALUE", help="a model keyword, e.g. mask_size=64, class_agnostic_masks=true, "
                                                  "score_thresh=0.1 (JSON values; repeat for more)")

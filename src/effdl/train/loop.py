@@ -139,8 +139,8 @@ def fit(task: TrainTask, loop: LoopConfig, resume: str | Path | None = None, pro
 
 def _optimizer_step(task: TrainTask, batch: Any, lr: float, grad_clip: float, device: torch.device) -> float:
     """One update at learning rate ``lr``: loss under autocast, backward, clipping, step; returns the loss."""
-    for group in task.optimizer.param_groups:
-        group["lr"] = lr
+    for group in task.optimizer.param_groups:  # a group may run at a multiple of the schedule (a new head, say)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with autocast_for(device):
         loss = task.loss(batch)
     task.optimizer.zero_grad(set_to_none=True)
