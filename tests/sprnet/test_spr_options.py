@@ -3,11 +3,12 @@
 import pytest
 import torch
 from box_targets import box_target
+from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from effdl.sprnet import build_detector
-from effdl.sprnet.model import fcos_assign
+from effdl.sprnet.model import SoftplusConv2d, fcos_assign
 from effdl.sprnet.spr_head import mask_boxes, maskness, paste_masks
 
 
@@ -170,3 +171,14 @@ def test_mask_loss_samples_distinct_positives_down_to_the_budget_per_image(name,
     assert all(len(p) == len(set(p)) > 3 for p in every)
     for sampled, full in zip(positives_per_image(3), every, strict=True):
         assert len(set(sampled)) == 3 and set(sampled) <= set(full)  # 3 distinct, each a real positive
+
+
+def test_softplus_distances_are_the_same_conv_with_softplus_on_its_output():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    soft = SoftplusConv2d.like(conv)
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(soft(x), torch.nn.functional.softplus(conv(x)))
+    assert soft.state_dict().keys() == conv.state_dict().keys()  # checkpoints keep their keys
+    soft(x).sum().backward()  # every output has a gradient, where ReLU's would be zero below 0
+    assert (soft.bias.grad.abs() > 0).all()
