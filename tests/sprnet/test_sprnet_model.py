@@ -1,5 +1,6 @@
 """SPRNet model: sparse fusion vs dense convs, anchor bookkeeping, torchvision output format, overfitting one batch."""
 
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -133,8 +134,8 @@ def test_each_mask_is_decoded_at_its_own_detections_anchor_location(name):
     regression = model.head.regression_head.bbox_reg
     torch.nn.init.zeros_(regression.weight)
     # Every detection's box is then its anchor, clipped to the image: RetinaNet's offsets are 0, FCOS's distances
-    # to the sides are half the location's square.
-    torch.nn.init.constant_(regression.bias, 0.5 if "fcos" in name else 0.0)
+    # to the sides are half the location's square (softplus(log(e^0.5 - 1)) = 0.5).
+    torch.nn.init.constant_(regression.bias, math.log(math.expm1(0.5)) if "fcos" in name else 0.0)
     calls = []
     model.mask_head.register_forward_hook(lambda module, args, out: calls.append(args[1:]))
     images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
