@@ -56,12 +56,13 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-dilations123": ("sprnet_fcos", {"mask_dilations": [1, 2, 3]}, True),
     "sprnet_fcos-relu": ("sprnet_fcos", {"softplus_distances": False}, True),  # torchvision's ReLU distances
     "sprnet_fcos-masklr10": ("sprnet_fcos", {"mask_head_lr_scale": 10.0}, True),
+    "sprnet_fcos-predframes": ("sprnet_fcos", {"mask_in_predicted_boxes": True}, True),  # masks in predicted boxes
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
-                 "sprnet_fcos-masklr10")
+                 "sprnet_fcos-masklr10", "sprnet_fcos-predframes")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -226,7 +227,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
     parser.add_argument("--val-images", type=int, default=100, help="synthetic shapes only")
     parser.add_argument("--image-size", type=int, default=96, help="training / evaluation size")
-    parser.add_argument("--epochs", type=float, default=10.0)
+    parser.add_argument("--epochs", type=float, default=16.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300,

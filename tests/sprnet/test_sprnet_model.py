@@ -15,7 +15,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from effdl.errors import EffdlError
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import GatedFPN
-from effdl.sprnet.spr_head import conv_at, deconv2x2, location_coords, mask_positives
+from effdl.sprnet.spr_head import conv_at, deconv2x2, location_coords, mask_frames, mask_positives, mask_targets
 
 
 @pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (3, 2), (3, 4), (3, 6)])
@@ -77,6 +77,49 @@ def test_mask_positives_match_a_brute_force_loop():
     for g in range(3):  # every box also claims its best location
         expected[max(range(40), key=lambda loc, g=g: iou[g, loc * 9:(loc + 1) * 9].max().item())] = g
     assert dict(zip(location.tolist(), gt.tolist(), strict=True)) == expected
+
+
+def test_mask_frames_take_the_predicted_box_only_where_it_overlaps_the_truth_by_half():
+    truth = torch.tensor([[10.0, 10, 30, 30]] * 4 + [[0.0, 0, 8, 4]])
+    predicted = torch.tensor([[10.0, 10, 30, 30], [12, 12, 32, 32], [20, 20, 40, 40], [10, 10, 30, 20], [4, 2, 4, 3]])
+    frames = mask_frames(predicted, truth)
+    iou = box_iou(predicted, truth).diagonal()  # 1, 0.68, 0.14, exactly 0.5, 0 (an empty predicted box)
+    torch.testing.assert_close(frames, torch.where((iou >= 0.5)[:, None], predicted, truth))
+    assert frames[:, 0].tolist() == [10, 12, 10, 10, 0]
+
+
+def test_mask_targets_crop_each_boxs_owner_mask():
+    generator = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, 40, 50, generator=generator) > 0.5).to(torch.uint8)
+    boxes = torch.tensor([[0.0, 0, 20, 20], [5, 7, 21, 23], [10, 0, 50, 40], [2.5, 3.5, 17.25, 30]])
+    owners = torch.tensor([2, 0, 2, 1])
+    crops = mask_targets(masks, boxes, 16, owners=owners)
+    for crop, box, owner in zip(crops, boxes, owners, strict=True):
+        torch.testing.assert_close(crop, mask_targets(masks[owner][None], box[None], 16)[0])
+    # a 16-pixel integer box at 16 x 16: each bin is one pixel, sampled at its centre
+    torch.testing.assert_close(crops[1], masks[0, 7:23, 5:21].float())
+
+
+def test_fcos_positives_learn_masks_in_their_predicted_boxes_when_asked():
+    torch.manual_seed(0)
+    image, target = _shape_sample(0)
+    model = build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=96, max_size=96, mask_in_predicted_boxes=True)
+    regression = model.head.regression_head.bbox_reg
+    torch.nn.init.zeros_(regression.weight)
+    # Every location then predicts the square of side 5 strides centred on it (softplus(log(e^2.5 - 1)) = 2.5).
+    torch.nn.init.constant_(regression.bias, math.log(math.expm1(2.5)))
+    seen = []
+    model.mask_loss = lambda features, targets, positives: seen.extend(positives) or torch.zeros(())
+    model.train()([image], [target])
+    (location, gt, frame), = seen
+    features = list(model.backbone(model.transform([image])[0].tensors).values())
+    anchors = model.anchor_generator(ImageList(torch.zeros(1, 3, 96, 96), [(96, 96)]), features)[0][location]
+    centres, stride = (anchors[:, :2] + anchors[:, 2:]) / 2, anchors[:, 2:] - anchors[:, :2]
+    squares = torch.cat([centres - 2.5 * stride, centres + 2.5 * stride], 1)
+    truth = target["boxes"][gt]
+    iou = box_iou(squares, truth).diagonal()
+    assert (iou >= 0.5).any() and (iou < 0.5).any(), "the case needs both kinds of positive"
+    torch.testing.assert_close(frame, torch.where((iou >= 0.5)[:, None], squares, truth))
 
 
 def test_gated_fpn_with_open_gates_equals_torchvision_fpn():

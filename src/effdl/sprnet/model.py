@@ -51,6 +51,7 @@ from effdl.sprnet.spr_head import (
     MASK_SIZE,
     SPRMaskHead,
     mask_boxes,
+    mask_frames,
     mask_positives,
     mask_targets,
     maskness,
@@ -59,6 +60,7 @@ from effdl.sprnet.spr_head import (
 )
 
 Targets = list[dict[str, Tensor]]
+Positives = tuple[Tensor, Tensor, Tensor]  # mask positives: (location, ground-truth index, box the mask is learnt in)
 
 
 class GatedFPN(FeaturePyramidNetwork):
@@ -215,7 +217,8 @@ def scoring_at_least(detection: dict[str, Tensor], thresh: float) -> dict[str, T
 class SPRMixin:
     """The SPR mask branch on a torchvision one-stage detector (``SPRNet``: RetinaNet, ``SPRFCOS``: FCOS).
 
-    A subclass supplies ``detection_loss`` (the detector's losses and the mask-training locations) and
+    A subclass supplies ``detection_loss`` (the detector's losses and the mask-training positives: location,
+    ground-truth index and the box the mask is learnt in) and
     ``detections`` (post-processing that keeps ``anchor_idx``). Options, set by ``_init_spr``:
         mask_positives_per_image: at most this many mask locations are sampled per image (paper: 300).
         class_agnostic_masks: one mask channel for every class instead of one per class.
@@ -261,20 +264,20 @@ class SPRMixin:
     def mask_labels(self, labels: Tensor) -> Tensor:
         return torch.zeros_like(labels) if self.class_agnostic_masks else labels
 
-    def mask_loss(self, features: list[Tensor], targets: Targets, positives: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """SPR mask loss over the mask-training ``positives`` (location, gt) of every image in the batch."""
+    def mask_loss(self, features: list[Tensor], targets: Targets, positives: list[Positives]) -> Tensor:
+        """SPR mask loss over the mask-training ``positives`` (location, gt, frame) of every image in the batch."""
         size = self.mask_head.mask_size
         images, locations, labels, soft_masks = [], [], [], []
-        for i, (target, (location, gt)) in enumerate(zip(targets, positives, strict=True)):
+        for i, (target, (location, gt, frame)) in enumerate(zip(targets, positives, strict=True)):
             if len(location) > self.mask_positives_per_image:
                 keep = torch.randperm(len(location), device=location.device)[: self.mask_positives_per_image]
-                location, gt = location[keep], gt[keep]
+                location, gt, frame = location[keep], gt[keep], frame[keep]
             if len(location) == 0:
                 continue
             images.append(torch.full_like(location, i))
             locations.append(location)
             labels.append(self.mask_labels(target["labels"][gt]))
-            soft_masks.append(mask_targets(target["masks"], target["boxes"], size)[gt])
+            soft_masks.append(mask_targets(target["masks"], frame, size, owners=gt))
         if not locations:  # background-only batch: decode one location so the zero loss reaches every weight
             zero = torch.zeros(1, dtype=torch.long, device=features[0].device)
             logits = self.mask_head(features, zero, zero)[:0]
@@ -335,11 +338,13 @@ class SPRNet(SPRMixin, RetinaNet):
         self.mask_fg_iou_thresh = mask_fg_iou_thresh
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
-                       level_counts: list[int]) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+                       level_counts: list[int]) -> tuple[dict[str, Tensor], list[Positives]]:
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
-        positives = [mask_positives(box_iou(t["boxes"], a), num_anchors, self.mask_fg_iou_thresh)
-                     if len(t["boxes"]) else (torch.zeros(0, dtype=torch.long, device=a.device),) * 2
-                     for t, a in zip(targets, anchors, strict=True)]
+        positives = []
+        for t, a in zip(targets, anchors, strict=True):
+            location, gt = (mask_positives(box_iou(t["boxes"], a), num_anchors, self.mask_fg_iou_thresh)
+                            if len(t["boxes"]) else (torch.zeros(0, dtype=torch.long, device=a.device),) * 2)
+            positives.append((location, gt, t["boxes"][gt]))
         return self.compute_loss(targets, head_outputs, anchors), positives
 
     def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
@@ -354,22 +359,33 @@ class SPRFCOS(SPRMixin, FCOS):
     FCOS assigns locations by centre sampling (``fcos_assign``) and scores them with a centerness branch, and its
     box loss is GIoU; the mask trains at every location FCOS assigns to a box (sampled down to
     ``mask_positives_per_image``), so each object has several mask positives, not one best anchor.
+    ``mask_in_predicted_boxes``: each positive learns its mask in the frame of its own predicted box (where that
+    overlaps the ground truth by IoU 0.5, ``spr_head.mask_frames``), the box it is pasted into at inference,
+    instead of in the ground-truth box.
     """ + _SPR_OPTIONS
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
                  mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
                  mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
-                 **kwargs: Any):
+                 mask_in_predicted_boxes: bool = False, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+        self.mask_in_predicted_boxes = mask_in_predicted_boxes
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
-                       level_counts: list[int]) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+                       level_counts: list[int]) -> tuple[dict[str, Tensor], list[Positives]]:
         matched = [fcos_assign(t["boxes"], a, level_counts, self.center_sampling_radius)
                    for t, a in zip(targets, anchors, strict=True)]
-        positives = [((m >= 0).nonzero().flatten(), m[m >= 0]) for m in matched]
+        positives = []
+        for i, (t, a, m) in enumerate(zip(targets, anchors, matched, strict=True)):
+            location = (m >= 0).nonzero().flatten()
+            frame = t["boxes"][m[location]]
+            if self.mask_in_predicted_boxes:
+                predicted = self.box_coder.decode(head_outputs["bbox_regression"][i, location].detach(), a[location])
+                frame = mask_frames(predicted, frame)
+            positives.append((location, m[location], frame))
         return self.head.compute_loss(targets, head_outputs, anchors, matched), positives
 
     def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],

@@ -152,15 +152,34 @@ def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7) ->
     return location, gt[location]
 
 
-def mask_targets(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE) -> Tensor:
-    """Each instance's mask cropped to its own box and resized to size x size, as soft targets in [0, 1].
+def mask_targets(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE, owners: Tensor | None = None) -> Tensor:
+    """Instance masks cropped to boxes and resized to size x size, as soft targets in [0, 1].
 
-    ``masks`` (G, H, W) binary, ``boxes`` (G, 4) xyxy in the mask's pixels. Uses
-    RoIAlign on the box, pixel-aligned (``aligned=True``: target pixel j covers the box's j-th strip, the frame
-    ``paste_masks`` pastes back into). Cost O(G * size^2).
+    ``masks`` (G, H, W) binary, ``boxes`` (N, 4) xyxy in the mask's pixels; box i crops mask ``owners[i]``
+    (default: box i crops mask i, each instance in its own box). Uses RoIAlign on the box, pixel-aligned
+    (``aligned=True``: target pixel j covers the box's j-th strip, the frame ``paste_masks`` pastes back into).
+    Returns (N, size, size). Cost O(N * size^2).
     """
-    rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], 1)
-    return roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, aligned=True)[:, 0]  # (G, size, size)
+    if owners is None:
+        owners = torch.arange(len(boxes), device=boxes.device)
+    rois = torch.cat([owners.to(boxes.dtype)[:, None], boxes], 1)
+    return roi_align(masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, aligned=True)[:, 0]
+
+
+def mask_frames(predicted: Tensor, truth: Tensor, min_iou: float = 0.5) -> Tensor:
+    """The box each mask positive learns its mask in: its own predicted box where that overlaps its ground-truth
+    box by at least ``min_iou``, else the ground-truth box.
+
+    At inference a mask is pasted into the predicted box, so a mask learnt in that frame also corrects the box's
+    error (Mask R-CNN's mask head learns in its proposals' frames for the same reason); early in training, when
+    predictions are far off, the ground-truth frame keeps the targets meaningful. ``predicted`` and ``truth`` are
+    (N, 4) xyxy, row-aligned. Cost O(N).
+    """
+    lo, hi = torch.maximum(predicted[:, :2], truth[:, :2]), torch.minimum(predicted[:, 2:], truth[:, 2:])
+    inter = (hi - lo).clamp(min=0).prod(1)
+    union = (predicted[:, 2:] - predicted[:, :2]).clamp(min=0).prod(1) + (truth[:, 2:] - truth[:, :2]).prod(1) - inter
+    overlapping = inter >= min_iou * union.clamp(min=1e-6)
+    return torch.where(overlapping[:, None], predicted, truth)
 
 
 def spr_mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
