@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
     parser.add_argument("--val-images", type=int, default=100, help="synthetic shapes only")
     parser.add_argument("--image-size", type=int, default=96, help="training / evaluation size")
-    parser.add_argument("--epochs", type=float, default=16.0)
+    parser.add_argument("--epochs", type=float, default=10.0)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300,

@@ -15,7 +15,16 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from effdl.errors import EffdlError
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import GatedFPN
-from effdl.sprnet.spr_head import conv_at, deconv2x2, location_coords, mask_frames, mask_positives, mask_targets
+from effdl.sprnet.spr_head import (
+    SPRMaskHead,
+    blocks_to_map,
+    conv_at,
+    deconv2x2,
+    location_coords,
+    mask_frames,
+    mask_positives,
+    mask_targets,
+)
 
 
 @pytest.mark.parametrize("kernel,dilation", [(1, 1), (3, 1), (3, 2), (3, 4), (3, 6)])
@@ -36,17 +45,50 @@ def test_conv_at_equals_dense_convolution_and_its_gradients(kernel, dilation):
         torch.testing.assert_close(gs, gd)
 
 
-@pytest.mark.parametrize("n,size", [(4, 1), (4, 3), (0, 2)])
-def test_deconv2x2_equals_the_transposed_convolution_and_its_gradients(n, size):
-    deconv = torch.nn.ConvTranspose2d(6, 5, 2, stride=2)
-    x = torch.randn(n, 6, size, size, requires_grad=True)
-    ours, reference = deconv2x2(x, deconv), deconv(x)
+@pytest.mark.parametrize("n,size,relu", [(4, 1, False), (4, 3, False), (3, 2, True), (0, 2, False), (2, 4, False)])
+def test_deconv2x2_equals_the_transposed_convolution_and_its_gradients(n, size, relu):
+    deconv = torch.nn.ConvTranspose2d(6, 5, 2, stride=2)  # 6 input channels: rows < 6 and rows >= 6 both occur
+    x = torch.randn(n, 6, 2 ** size, 2 ** size, requires_grad=True)
+    reference = deconv(x).relu() if relu else deconv(x)
+    # the map's pixels as rows in the block order of `size` earlier 2x2 stages: (n, dy_1, dx_1, ..., dy_s, dx_s, C)
+    order = (0, *(d for i in range(size) for d in (2 + i, 2 + size + i)), 1)
+    rows = x.reshape(n, 6, *(2,) * (2 * size)).permute(order).reshape(-1, 6)
+    ours = blocks_to_map(deconv2x2(rows, deconv, relu=relu), n, size + 1)
     torch.testing.assert_close(ours, reference)
     grad = torch.randn_like(reference)
     got = torch.autograd.grad(ours, (x, deconv.weight, deconv.bias), grad)
     want = torch.autograd.grad(reference, (x, deconv.weight, deconv.bias), grad)
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)  # sums over up to 2,048 pixels, in another order
+
+
+@pytest.mark.parametrize("mask_size", [16, 32])
+def test_mask_head_equals_its_layers_run_densely(mask_size):
+    torch.manual_seed(0)
+    head = SPRMaskHead(8, 3, mask_size=mask_size)
+    features = [torch.randn(2, 8, 6, 5), torch.randn(2, 8, 3, 3), torch.randn(2, 8, 1, 1)]  # the last level: unused
+    image, location = torch.tensor([1, 0, 1, 0]), torch.tensor([29, 3, 31, 38])  # levels 0, 0, 1, 1
+    level, y, x = location_coords(location, [f.shape[-2:] for f in features])
+    dense = [[torch.relu(conv(f)) for conv in (head.point, *head.dilated)] for f in features]  # (B, C_out, H, W)
+    fused = torch.stack([torch.cat([out[i, :, r, c] for out in dense[lvl]])
+                         for i, lvl, r, c in zip(image, level, y, x, strict=True)])
+    coarse = fused[:, :, None, None]
+    for deconv in head.reconstruct:
+        coarse = deconv(coarse)
+    fine = coarse
+    for deconv in head.refine:
+        fine = torch.relu(deconv(fine))
+    shortcut = torch.nn.functional.interpolate(head.shortcut(coarse), size=(mask_size,) * 2, mode="bilinear")
+    reference = head.logits(fine) + shortcut
+    ours = head(features, image, location)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+    none = torch.zeros(0, dtype=torch.long)
+    assert head(features, none, none).shape == (0, 3, mask_size, mask_size)
+    grad = torch.randn_like(reference)
+    params = list(head.parameters())
+    for got, want in zip(torch.autograd.grad(ours, params, grad), torch.autograd.grad(reference, params, grad),
+                         strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_location_coords_name_the_anchor_position_the_anchor_generator_used():

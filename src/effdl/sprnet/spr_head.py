@@ -64,20 +64,41 @@ def conv_at(feature: Tensor, image: Tensor, y: Tensor, x: Tensor, conv: nn.Conv2
     taps = torch.arange(k, device=feature.device) * d
     ys, xs = y[:, None] + taps, x[:, None] + taps  # (N, k) rows / columns in the padded map
     patch = padded[image[:, None, None], :, ys[:, :, None], xs[:, None, :]]  # (N, k, k, C)
-    out = torch.einsum("nijc,ocij->no", patch, conv.weight)  # (N, C_out)
-    return out if conv.bias is None else out + conv.bias
+    # reorder the small patch, not the weight, into the weight's (C, k, k) order
+    patch = patch.permute(0, 3, 1, 2).reshape(len(patch), feature.shape[1] * k * k)  # (N, C * k * k)
+    weight = conv.weight.reshape(conv.out_channels, -1)  # (C_out, C * k * k), a view
+    return F.linear(patch, weight, conv.bias)  # (N, C_out)
 
 
-def deconv2x2(x: Tensor, deconv: nn.ConvTranspose2d) -> Tensor:
-    """``deconv(x)`` for a 2x2, stride-2 transposed conv as one matmul: (N, C, H, W) -> (N, O, 2H, 2W).
+def deconv2x2(rows: Tensor, deconv: nn.ConvTranspose2d, relu: bool = False) -> Tensor:
+    """``deconv`` (a 2x2, stride-2 transposed conv), optionally followed by ReLU, on pixels as rows:
+    (R, C) -> (4R, O), each input pixel's 2x2 output block as 4 consecutive rows in (dy, dx) order.
 
-    The 2x2 output blocks of such a layer do not overlap, so each block is its input pixel's C-vector times the
-    (C, O * 4) weight. Cost N * H * W * C * O * 4 MACs, the same as the conv, but CPU ``conv_transpose2d`` kernels run
-    the 1x1 -> 2x2 case about 8x slower than a matmul.
+    The blocks of such a layer do not overlap, so each is its pixel's C-vector times the (C, 4 * O) weight: one
+    GEMM with the bias fused, and a chain of these layers never needs to move a pixel (``blocks_to_map`` lays the
+    rows out as an image once, at the end). Cost R * C * O * 4 MACs, the same as the conv; CPU ``conv_transpose2d``
+    runs the 1x1 -> 2x2 case about 8x slower, and NCHW layers would copy the map twice per layer.
     """
-    n, _, h, w = x.shape
-    out = torch.einsum("nchw,cokl->nohkwl", x, deconv.weight)  # (N, O, H, 2, W, 2)
-    return out.reshape(n, deconv.out_channels, 2 * h, 2 * w) + deconv.bias[:, None, None]
+    c, o = deconv.in_channels, deconv.out_channels
+    if len(rows) < c:  # reorder the output blocks (o, dy, dx) -> (dy, dx, o) or the weight, whichever is smaller
+        blocks = torch.addmm(deconv.bias.repeat_interleave(4), rows, deconv.weight.reshape(c, o * 4))
+        blocks = blocks.view(-1, o, 4).transpose(1, 2).reshape(-1, o)
+    else:
+        weight = deconv.weight.permute(0, 2, 3, 1).reshape(c, 4 * o)
+        blocks = torch.addmm(deconv.bias.repeat(4), rows, weight).view(-1, o)
+    return blocks.relu_() if relu else blocks  # in place is safe: neither addmm's backward nor a view's needs it
+
+
+def blocks_to_map(rows: Tensor, n: int, stages: int) -> Tensor:
+    """The (n * 4**stages, C) rows of ``stages`` chained ``deconv2x2`` layers as maps (n, C, 2**stages, 2**stages).
+
+    Row index digits, from the coarsest stage to the finest, are (dy_1, dx_1, ..., dy_s, dx_s); a pixel's row is
+    dy_1 ... dy_s in binary and its column dx_1 ... dx_s. One copy. Cost O(rows * C).
+    """
+    c = rows.shape[-1]
+    digits = rows.view(n, *(2, 2) * stages, c)
+    order = (0, 2 * stages + 1, *range(1, 2 * stages, 2), *range(2, 2 * stages + 1, 2))
+    return digits.permute(order).reshape(n, c, 2 ** stages, 2 ** stages)
 
 
 class SPRMaskHead(nn.Module):
@@ -117,20 +138,26 @@ class SPRMaskHead(nn.Module):
         rows, vectors = [], []
         for lvl, feature in enumerate(features):
             at = (level == lvl).nonzero().flatten()
+            if len(at) == 0 and len(location):  # skip a level without locations (unless none has any: an empty
+                continue                           # call still reaches every weight, for its zero gradient)
             args = feature, image[at], y[at], x[at]
             rows.append(at)
             vectors.append(torch.cat([F.relu(conv_at(*args, conv)) for conv in (self.point, *self.dilated)], 1))
         return torch.cat(vectors)[torch.cat(rows).argsort()]  # back in the order of ``location``
 
     def forward(self, features: Sequence[Tensor], image: Tensor, location: Tensor) -> Tensor:
-        coarse = self.fuse(features, image, location)[:, :, None, None]  # (N, 640, 1, 1)
+        n = len(location)
+        coarse = self.fuse(features, image, location)  # (N, 640): one row per pixel from here on
         for deconv in self.reconstruct:
-            coarse = deconv2x2(coarse, deconv)  # -> (N, 128, 8, 8)
+            coarse = deconv2x2(coarse, deconv)  # -> (N * 64, 128): 8 x 8 px
         fine = coarse
         for deconv in self.refine:
-            fine = F.relu(deconv2x2(fine, deconv))  # -> (N, 64, M, M)
-        fine = self.logits(fine)  # (N, K, M, M)
-        return fine + F.interpolate(self.shortcut(coarse), size=fine.shape[-2:], mode="bilinear", align_corners=False)
+            fine = deconv2x2(fine, deconv, relu=True)  # -> (N * M^2, 64)
+        stages = len(self.reconstruct) + len(self.refine)
+        fine = blocks_to_map(F.linear(fine, self.logits.weight[:, :, 0, 0], self.logits.bias), n, stages)
+        shortcut = F.linear(coarse, self.shortcut.weight[:, :, 0, 0], self.shortcut.bias)  # (N * 64, K)
+        shortcut = blocks_to_map(shortcut, n, len(self.reconstruct))  # (N, K, 8, 8)
+        return fine + F.interpolate(shortcut, size=fine.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7) -> tuple[Tensor, Tensor]:
