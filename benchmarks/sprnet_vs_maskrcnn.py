@@ -31,10 +31,12 @@ from pathlib import Path
 
 import torch
 from harness import RESULTS, add_plot_only, load_results, report, resumable_checkpoint, time_interleaved
+from torchvision.ops import box_iou
 
 from effdl.report import line_panels
 from effdl.sprnet.evaluate import METRIC_NAMES
 from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
+from effdl.sprnet.spr_head import paste_masks
 from effdl.sprnet.train import (
     TRAINER,
     DetectionTrainConfig,
@@ -57,12 +59,14 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-relu": ("sprnet_fcos", {"softplus_distances": False}, True),  # torchvision's ReLU distances
     "sprnet_fcos-masklr10": ("sprnet_fcos", {"mask_head_lr_scale": 10.0}, True),
     "sprnet_fcos-predframes": ("sprnet_fcos", {"mask_in_predicted_boxes": True}, True),  # masks in predicted boxes
+    "sprnet_fcos-maskw4": ("sprnet_fcos", {"mask_loss_weight": 4.0}, True),  # more of the features' gradient
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
-                 "sprnet_fcos-masklr10", "sprnet_fcos-predframes")
+                 "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
+                 "sprnet_fcos-maskw4")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -157,6 +161,52 @@ def _forward_in_turn(model: torch.nn.Module, images: list[torch.Tensor]):
             model([next(cycle)])
 
     return forward
+
+
+def mask_quality(checkpoint: Path) -> dict[str, float]:
+    """Where a model's mask falls short: on validation objects matched by a same-class detection at box IoU >= 0.5,
+    the mean IoU with the ground-truth mask of its pasted mask, of the same box-frame mask pasted into the
+    ground-truth box instead (the mask with a perfect box), and of the filled ground-truth box (no shape at all)."""
+    model, cfg = load_with_options(checkpoint, {})
+    frames = []  # each forward's box-frame mask probabilities (N, M, M), in detection order
+    if hasattr(model, "mask_head"):  # SPR: the decoder's logits, the detection's class channel picked below
+        model.mask_score_thresh = 0.0  # a mask for every detection above the score threshold, as Mask R-CNN's
+        model.mask_head.register_forward_hook(lambda module, args, out: frames.append(out))
+    else:  # Mask R-CNN: its RoI heads return box-frame masks before the transform pastes them
+        model.roi_heads.register_forward_hook(lambda module, args, out: frames.append(out[0][0]["masks"][:, 0]))
+    sums, matched = {"box IoU": 0.0, "mask IoU": 0.0, "mask IoU in the true box": 0.0, "filled true box IoU": 0.0}, 0
+    val = load_dataset(cfg, cfg.val_split)
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
+
+    with torch.inference_mode():
+        for image, target in (val[i] for i in range(len(val))):
+            frames.clear()
+            det = model([image])[0]
+            if not len(det["boxes"]):
+                continue
+            frame = frames[0]
+            if frame.dim() == 4:  # SPR's (N, K, M, M) logits
+                labels = torch.zeros_like(det["labels"]) if model.class_agnostic_masks else det["labels"]
+                frame = frame[torch.arange(len(labels)), labels].sigmoid()
+            height, width = image.shape[-2:]
+            for box, label, truth in zip(target["boxes"], target["labels"], target["masks"].bool(), strict=True):
+                same = (det["labels"] == label).nonzero().flatten()
+                overlaps = box_iou(det["boxes"][same], box[None])[:, 0]
+                if not len(same) or overlaps.max() < 0.5:
+                    continue
+                best = same[overlaps.argmax()]
+                filled = torch.zeros(height, width, dtype=torch.bool)
+                x0, y0, x1, y1 = box.round().int().tolist()
+                filled[y0:y1, x0:x1] = True
+                in_true_box = paste_masks(frame[best][None], box[None], height, width)[0] > 0.5
+                for name, value in (("box IoU", overlaps.max().item()), ("mask IoU", iou(det["masks"][best, 0] > 0.5,
+                                    truth)), ("mask IoU in the true box", iou(in_true_box, truth)),
+                                    ("filled true box IoU", iou(filled, truth))):
+                    sums[name] += value
+                matched += 1
+    return {"matched objects": matched, **{k: v / max(matched, 1) for k, v in sums.items()}}
 
 
 def plateau_gain(history: list[dict], kind: str = "segm") -> float:

@@ -287,6 +287,20 @@ def test_overfitting_one_small_batch_reaches_high_mask_iou(name):
 
 
 @pytest.mark.parametrize("name", SPR_MODELS)
+def test_mask_loss_weight_scales_the_mask_loss_only(name):
+    images, targets = zip(*(_shape_sample(seed) for seed in (0, 1)), strict=True)
+    losses = []
+    for weight in (1.0, 4.0):
+        torch.manual_seed(0)  # the same weights and the same sampled mask positives
+        model = build_detector(name, 3, min_size=96, max_size=96, mask_loss_weight=weight, **_anchor_kwargs(name))
+        losses.append(model.train()(list(images), list(targets)))
+    for key, value in losses[0].items():
+        torch.testing.assert_close(losses[1][key], 4.0 * value if key == "loss_mask" else value)
+    with pytest.raises(ValueError, match="mask_loss_weight must be positive"):
+        build_detector(name, 3, mask_loss_weight=0.0, **_anchor_kwargs(name))
+
+
+@pytest.mark.parametrize("name", SPR_MODELS)
 def test_bad_training_targets_get_clear_errors(name):
     model = build_detector(name, 3).train()
     image = torch.rand(3, 64, 64)

@@ -226,12 +226,15 @@ class SPRMixin:
             ones cost mask decoding and pasting but add little AP.
         mask_scoring: multiply each score by its mask's maskness (SOLO's mask quality, ``spr_head.maskness``).
         refine_boxes: replace each box by the tight box of its pasted mask.
+        mask_loss_weight: the mask loss's weight in the total (1: the paper's plain sum).
     """
 
     def _init_spr(self, in_channels: int, num_classes: int, mask_head: nn.Module | None, mask_size: int,
                   mask_dilations: Sequence[int],
                   mask_positives_per_image: int, class_agnostic_masks: bool, mask_score_thresh: float,
-                  mask_scoring: bool, refine_boxes: bool) -> None:
+                  mask_scoring: bool, refine_boxes: bool, mask_loss_weight: float) -> None:
+        if mask_loss_weight <= 0:
+            raise ValueError(f"mask_loss_weight must be positive, got {mask_loss_weight}")
         self.mask_head = mask_head or SPRMaskHead(in_channels, 1 if class_agnostic_masks else num_classes,
                                                   tuple(mask_dilations), mask_size)
         self.mask_positives_per_image = mask_positives_per_image
@@ -239,6 +242,7 @@ class SPRMixin:
         self.mask_score_thresh = mask_score_thresh
         self.mask_scoring = mask_scoring
         self.refine_boxes = refine_boxes
+        self.mask_loss_weight = mask_loss_weight
 
     def forward(self, images: list[Tensor], targets: Targets | None = None) -> dict[str, Tensor] | Targets:
         if self.training:
@@ -252,7 +256,7 @@ class SPRMixin:
                         (f.shape[-2:] for f in features)]
         if self.training:
             losses, positives = self.detection_loss(targets, head_outputs, anchors, level_counts)
-            return {**losses, "loss_mask": self.mask_loss(features, targets, positives)}
+            return {**losses, "loss_mask": self.mask_loss_weight * self.mask_loss(features, targets, positives)}
         split_outputs = {k: list(v.split(level_counts, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(level_counts)) for a in anchors]
         detections = [scoring_at_least(d, self.mask_score_thresh)
@@ -312,7 +316,8 @@ _SPR_OPTIONS = """
         mask_head: defaults to ``SPRMaskHead(backbone.out_channels, num_classes, mask_size=mask_size)``.
         mask_size: the side M of the box-frame mask (paper: 32).
         mask_dilations: the fusion's 3x3 conv dilations (paper: 2, 4, 6 on COCO-sized images).
-        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes:
+        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
+        mask_loss_weight:
             see ``SPRMixin``.
 
     Targets in train mode: torchvision's ``boxes`` (G, 4) xyxy and ``labels`` (G,),
@@ -331,10 +336,11 @@ class SPRNet(SPRMixin, RetinaNet):
                  mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
                  mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300,
                  class_agnostic_masks: bool = False, mask_score_thresh: float = 0.0, mask_scoring: bool = False,
-                 refine_boxes: bool = False, **kwargs: Any):
+                 refine_boxes: bool = False, mask_loss_weight: float = 1.0, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
-                       mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+                       mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
+                       mask_loss_weight)
         self.mask_fg_iou_thresh = mask_fg_iou_thresh
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
@@ -368,10 +374,11 @@ class SPRFCOS(SPRMixin, FCOS):
                  mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
                  mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
-                 mask_in_predicted_boxes: bool = False, **kwargs: Any):
+                 mask_in_predicted_boxes: bool = False, mask_loss_weight: float = 1.0, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
-                       mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes)
+                       mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
+                       mask_loss_weight)
         self.mask_in_predicted_boxes = mask_in_predicted_boxes
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
