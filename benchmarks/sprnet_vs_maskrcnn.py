@@ -19,6 +19,10 @@ gains less than 1 point over the last quarter of its run.
 Latency: the trained weights, batch 1, eval mode, detection score threshold 0.05 for all, validation images in
 turn, the models interleaved, median of ``--repeat`` images, at each ``--latency-sizes`` (the models' transform
 resizes the same images).
+
+Mask quality (``mask_quality``, sprnet_mask_quality.json): on the validation objects a same-class detection matches at
+box IoU >= 0.5, the mean IoU of the pasted mask with the truth, of the same box-frame mask pasted into the true box,
+and of the filled true box, which tells how much of a mask's shortfall is its box's.
 """
 
 from __future__ import annotations
@@ -310,6 +314,7 @@ def main() -> None:
         for label, options in ablated.items():
             ablation[f"{run}: {label}"] = evaluate_options(checkpoints[run], options)
     seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)
+    quality = {run: mask_quality(checkpoints[run]) for run in args.runs if RUNS[run][0] != "retinanet"}
 
     columns = ["run", *(f"box {m}" for m in METRIC_NAMES), *(f"mask {m}" for m in METRIC_NAMES)]
     title = (f"{args.data} ({args.image_size}px), {args.backbone}-FPN, {args.epochs:g} epochs, same recipe; "
@@ -318,7 +323,11 @@ def main() -> None:
     rows = [(name, *_cells(m, "bbox"), *_cells(m, "segm")) for name, m in {**metrics, **ablation}.items()]
     report("sprnet_vs_maskrcnn", title, columns, rows,
            extra={"args": vars(args), "metrics": metrics, "ablation": ablation, "latency_s": seconds,
-                  "history": histories})
+                  "mask_quality": quality, "history": histories})
+    quality_columns = list(next(iter(quality.values())))
+    report("sprnet_mask_quality", "mask IoU on validation objects a same-class detection matches at box IoU >= 0.5",
+           ["run", *quality_columns], [(run, *(f"{q[c]:.3f}" if isinstance(q[c], float) else str(q[c])
+                                               for c in quality_columns)) for run, q in quality.items()])
     final = "sprnet_fcos"
     report("sprnet_latency", f"median latency per image, batch 1 on {args.device} (ms)",
            ["run", *(f"@{s}px" for s in args.latency_sizes)],
