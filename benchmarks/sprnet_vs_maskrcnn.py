@@ -205,10 +205,10 @@ def mask_quality(checkpoint: Path) -> dict[str, float]:
                 x0, y0, x1, y1 = box.round().int().tolist()
                 filled[y0:y1, x0:x1] = True
                 in_true_box = paste_masks(frame[best][None], box[None], height, width)[0] > 0.5
-                for name, value in (("box IoU", overlaps.max().item()), ("mask IoU", iou(det["masks"][best, 0] > 0.5,
-                                    truth)), ("mask IoU in the true box", iou(in_true_box, truth)),
-                                    ("filled true box IoU", iou(filled, truth))):
-                    sums[name] += value
+                sums["box IoU"] += overlaps.max().item()
+                sums["mask IoU"] += iou(det["masks"][best, 0] > 0.5, truth)
+                sums["mask IoU in the true box"] += iou(in_true_box, truth)
+                sums["filled true box IoU"] += iou(filled, truth)
                 matched += 1
     return {"matched objects": matched, **{k: v / max(matched, 1) for k, v in sums.items()}}
 

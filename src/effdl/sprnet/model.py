@@ -388,11 +388,12 @@ class SPRFCOS(SPRMixin, FCOS):
         positives = []
         for i, (t, a, m) in enumerate(zip(targets, anchors, matched, strict=True)):
             location = (m >= 0).nonzero().flatten()
-            frame = t["boxes"][m[location]]
+            gt = m[location]
+            frame = t["boxes"][gt]
             if self.mask_in_predicted_boxes:
                 predicted = self.box_coder.decode(head_outputs["bbox_regression"][i, location].detach(), a[location])
                 frame = mask_frames(predicted, frame)
-            positives.append((location, m[location], frame))
+            positives.append((location, gt, frame))
         return self.head.compute_loss(targets, head_outputs, anchors, matched), positives
 
     def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
