@@ -37,6 +37,24 @@ def test_equals_a_float64_softmax_over_each_rows_own_keys(heads, kv_heads, windo
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "window"), [(4, 4, None), (8, 2, None), (4, 2, 3)],
+                         ids=["mha", "gqa", "sliding window"])
+def test_new_keys_are_written_at_each_rows_last_position_and_attended(heads, kv_heads, window):
+    gen = torch.Generator().manual_seed(2)
+    slots, S, Dh = 7, 40, 16
+    cache_k, cache_v = (torch.randn(slots, kv_heads, S, Dh, generator=gen) for _ in range(2))
+    rows, lengths = slice(1, 6), torch.tensor([1, 40, 17, 2, 33])
+    q = torch.randn(5, heads, Dh, generator=gen)
+    new_k, new_v = (torch.randn(5, kv_heads, Dh, generator=gen) for _ in range(2))
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    for b, n in enumerate(lengths.tolist()):  # what a scatter into the cache before attention would leave
+        expected_k[rows.start + b, :, n - 1], expected_v[rows.start + b, :, n - 1] = new_k[b], new_v[b]
+    out = decode_attention(q, cache_k[rows], cache_v[rows], lengths, window, new_k, new_v)
+    assert torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)  # and nothing else touched
+    torch.testing.assert_close(out.double(), naive(q, expected_k[rows], expected_v[rows], lengths, window),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_keys_past_a_rows_length_are_never_read():
     gen = torch.Generator().manual_seed(1)
     k, v = torch.randn(2, 2, 12, 8, generator=gen), torch.randn(2, 2, 12, 8, generator=gen)
@@ -53,6 +71,9 @@ def test_keys_past_a_rows_length_are_never_read():
     (lambda q, k, v, n: (q, k, v, n.int()), "lengths must be int64"),
     (lambda q, k, v, n: (q, k, v, torch.tensor([0, 3])), r"lengths must lie in \[1, 12\]"),
     (lambda q, k, v, n: (q, k, v, torch.tensor([13, 3])), r"lengths must lie in \[1, 12\]"),
+    (lambda q, k, v, n: (q, k, v, n, None, torch.randn(2, 2, 8)), "give both or neither"),
+    (lambda q, k, v, n: (q, k, v, n, None, torch.randn(2, 4, 8), torch.randn(2, 4, 8)), r"must be \(B, K, Dh\)"),
+    (lambda q, k, v, n: (q, k, v, n, None, torch.randn(2, 2, 8).double(), torch.randn(2, 2, 8)), "fp32 CPU"),
 ])
 def test_bad_inputs_are_refused_with_what_is_wrong(change, message):
     q, k, v, n = torch.randn(2, 4, 8), torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8), torch.tensor([5, 9])

@@ -61,13 +61,19 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, window: int | None = None) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, window: int | None = None,
+                     new_k: Tensor | None = None, new_v: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(Dh)) v per row over that row's keys 0..lengths[b]-1 (the last ``window`` of them).
 
     q (B, H, Dh); k, v (B, K, S, Dh), H a multiple of K (grouped-query
     attention); lengths (B,) int64 in [1, S]. Returns (B, H, Dh). Cost:
     O(sum(lengths) * H * Dh) time, reading each row's live keys and values
     once, where masked SDPA reads B * max(lengths) of them.
+
+    ``new_k``, ``new_v`` (B, K, Dh): each row's newest key and value, first
+    written into ``k`` and ``v`` (in place) at position lengths[b] - 1, so the
+    caller needs no scatter of its own into the cache (see the kernel's source
+    for why that is faster).
     """
     kernel = load_decode_kernel()
     if kernel is None:
@@ -86,5 +92,15 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, window: i
         raise ValueError(f"lengths must be int64 of shape ({B},); got {lengths.dtype} {tuple(lengths.shape)}")
     if B and not 1 <= int(lengths.min()) <= int(lengths.max()) <= S:
         raise ValueError(f"lengths must lie in [1, {S}]; got {lengths.tolist()}")
+    if (new_k is None) != (new_v is None):
+        raise ValueError("new_k and new_v go together: give both or neither")
+    if new_k is not None:
+        if new_k.shape != (B, K, Dh) or new_v.shape != (B, K, Dh):
+            raise ValueError(f"new_k and new_v must be (B, K, Dh) = {(B, K, Dh)}; got {tuple(new_k.shape)} and "
+                             f"{tuple(new_v.shape)}")
+        if not all(decode_kernel_supported(t.device, t.dtype) for t in (new_k, new_v)):
+            raise ValueError("the decode kernel takes fp32 CPU tensors for new_k and new_v")
+        new_k, new_v = new_k.contiguous(), new_v.contiguous()
     with torch.profiler.record_function("effdl::decode_attention"):  # named in profiles like the ops around it
-        return kernel.decode_attention(q.contiguous(), k, v, lengths.contiguous(), window or 0, Dh ** -0.5)
+        return kernel.decode_attention(q.contiguous(), k, v, lengths.contiguous(), window or 0, Dh ** -0.5,
+                                       new_k, new_v)

@@ -207,12 +207,13 @@ class Engine:
             return [self._fail(self.requests[rid], f"forward failed: {error!r}") for rid in
                     dict.fromkeys(plan.request_ids) if rid in self.requests]
         outputs = []
+        argmax = logits.argmax(-1).tolist() if ids else []  # every greedy row's token in one call, not one per row
         for row, rid in enumerate(ids):
             request = self.requests.get(rid)
             if request is None or request.finished:
                 continue  # aborted while the step ran
             try:
-                outputs.append(self._advance(request, logits[row]))
+                outputs.append(self._advance(request, logits[row], argmax[row]))
             except Exception as error:  # fail this request only
                 outputs.append(self._fail(request, f"{type(error).__name__}: {error}"))
         return outputs
@@ -227,15 +228,19 @@ class Engine:
             self.stats["decode_rows"] += len(plan.decode.rows)
             self.stats["window_rows"] += plan.decode.hi - plan.decode.lo
 
-    def _advance(self, request: Request, logits: Tensor) -> RequestOutput:
-        """Sample ``request``'s next token from its logits (V,), then apply its stop rules.
+    def _advance(self, request: Request, logits: Tensor, argmax: int) -> RequestOutput:
+        """Sample ``request``'s next token from its logits (V,) (``argmax`` of them: the greedy pick when nothing
+        processes them), then apply its stop rules.
 
         Logprobs are of the model's own distribution (``logits`` before the
         penalties and biases), as vLLM reports them by default.
         """
         p = request.params
-        processed = process_logits(logits, p, request.prompt, request.output, self.config.eos_id)
-        token = sample_token(processed, p, request.generator)
+        if p.temperature == 0.0 and not p.processes_logits:
+            token = argmax
+        else:
+            processed = process_logits(logits, p, request.prompt, request.output, self.config.eos_id)
+            token = sample_token(processed, p, request.generator)
         request.output.append(token)
         new_logprobs = [logprob_entry(logits, token, p.logprobs)] if p.logprobs is not None else []
         reason = stop_reason(token, len(request.output), p, self.config.eos_id)

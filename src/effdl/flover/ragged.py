@@ -75,19 +75,40 @@ def ragged_forward(model: Transformer, tokens: Tensor, groups: list[AttentionGro
                for g in groups]  # (B,) keys per decode row
     masks = [None if n is not None else _group_mask(g, positions[g.offset:g.offset + g.size].view(g.rows, g.width),
                                                       window) for g, n in zip(groups, lengths, strict=True)]
+    stored = _scattered_tokens(groups, [n is None for n in lengths], device)  # the kernel writes the others' keys
+    if stored is not None:
+        stored_slots, stored_positions = slots[stored], positions[stored]  # (N',)
     cos, sin = model.rope(positions[None])  # (1, 1, N, Dh) each
     h = model.embed(tokens[None])  # (1, N, D)
     for i, layer in enumerate(model.layers):
         q, k, v = layer.qkv(h, cos, sin)  # (1, H, N, Dh), (1, K, N, Dh) x2
         cache_k, cache_v = cache.k[i], cache.v[i]  # (slots, K, S_max, Dh)
-        cache_k[slots, :, positions] = k[0].transpose(0, 1)  # (N, K, Dh)
-        cache_v[slots, :, positions] = v[0].transpose(0, 1)
+        if stored is not None:
+            cache_k[stored_slots, :, stored_positions] = k[0][:, stored].transpose(0, 1)  # (N', K, Dh)
+            cache_v[stored_slots, :, stored_positions] = v[0][:, stored].transpose(0, 1)
         o = torch.empty_like(q)  # (1, H, N, Dh)
         for g, mask, n in zip(groups, masks, lengths, strict=True):
-            o[0, :, g.offset:g.offset + g.size] = _group_attention(layer.attention, q[0, :, g.offset:g.offset + g.size],
-                                                                   cache_k, cache_v, g, mask, n, window)
+            span, rows = slice(g.offset, g.offset + g.size), slice(g.first_slot, g.first_slot + g.rows)
+            if n is None:
+                o[0, :, span] = _sdpa_group_attention(layer.attention, q[0, :, span], cache_k, cache_v, g, mask)
+            else:  # one token per row: (B, H, Dh) queries, their new keys and values (B, K, Dh) written by the kernel
+                o[0, :, span] = decode_attention(q[0, :, span].transpose(0, 1), cache_k[rows], cache_v[rows], n,
+                                                 window, k[0, :, span].transpose(0, 1),
+                                                 v[0, :, span].transpose(0, 1)).transpose(0, 1)
         h = layer.ffn_residual(layer.attention_residual(h, o))
     return model.head(h[0, logit_index])  # (n, V)
+
+
+def _scattered_tokens(groups: list[AttentionGroup], scattered: list[bool],
+                      device: torch.device) -> Tensor | slice | None:
+    """Which of the step's tokens the layer loop writes into the cache itself: all (a slice), none (None), or these
+    indices (N',); the others are the decode kernel's to write."""
+    if all(scattered):
+        return slice(None)
+    if not any(scattered):
+        return None
+    return torch.cat([torch.arange(g.offset, g.offset + g.size, device=device)
+                      for g, s in zip(groups, scattered, strict=True) if s])
 
 
 def _group_mask(g: AttentionGroup, positions: Tensor, window: int | None) -> Tensor | None:
@@ -100,16 +121,12 @@ def _group_mask(g: AttentionGroup, positions: Tensor, window: int | None) -> Ten
     return causal_mask(positions, max(g.starts) + g.width, window)
 
 
-def _group_attention(attention: torch.nn.Module, q: Tensor, cache_k: Tensor, cache_v: Tensor, g: AttentionGroup,
-                     mask: Tensor | None, lengths: Tensor | None, window: int | None) -> Tensor:
-    """One group's attention output (H, G, Dh) for its queries q (H, G, Dh) over its slots' cache.
-
-    ``lengths`` (B,): a one-token group through the live-length kernel; else SDPA with ``mask``.
-    """
+def _sdpa_group_attention(attention: torch.nn.Module, q: Tensor, cache_k: Tensor, cache_v: Tensor, g: AttentionGroup,
+                          mask: Tensor | None) -> Tensor:
+    """One group's attention output (H, G, Dh) for its queries q (H, G, Dh) over its slots' cache, SDPA with
+    ``mask``."""
     H, _, Dh = q.shape
     slots = slice(g.first_slot, g.first_slot + g.rows)
-    if lengths is not None:
-        return decode_attention(q.transpose(0, 1), cache_k[slots], cache_v[slots], lengths, window).transpose(0, 1)
     kv_len = mask.shape[-1] if mask is not None else g.width
     q = q.view(H, g.rows, g.width, Dh).transpose(0, 1)  # (B, H, T, Dh)
     out = F.scaled_dot_product_attention(
