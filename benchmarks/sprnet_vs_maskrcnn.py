@@ -64,13 +64,14 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-masklr10": ("sprnet_fcos", {"mask_head_lr_scale": 10.0}, True),
     "sprnet_fcos-predframes": ("sprnet_fcos", {"mask_in_predicted_boxes": True}, True),  # masks in predicted boxes
     "sprnet_fcos-maskw4": ("sprnet_fcos", {"mask_loss_weight": 4.0}, True),  # more of the features' gradient
+    "sprnet_fcos-p2": ("sprnet_fcos", {"p2_level": True}, True),  # FCOS on P2-P7: stride-4 locations
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
                  "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
-                 "sprnet_fcos-maskw4")
+                 "sprnet_fcos-maskw4", "sprnet_fcos-p2")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {

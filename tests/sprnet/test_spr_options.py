@@ -68,10 +68,11 @@ def test_maskness_is_the_mean_probability_above_the_threshold():
     torch.testing.assert_close(maskness(masks), expected)
 
 
-def test_fcos_assign_matches_torchvision_fcos():
+@pytest.mark.parametrize("options", [{}, {"p2_level": True}], ids=["P3-P7", "P2-P7"])
+def test_fcos_assign_matches_torchvision_fcos(options):
     """torchvision's FCOS computes the same assignment inside its loss; capture it from the head's loss call."""
     torch.manual_seed(0)
-    model = build_detector("sprnet_fcos_resnet18_fpn", 4, min_size=128, max_size=128).train()
+    model = build_detector("sprnet_fcos_resnet18_fpn", 4, min_size=128, max_size=128, **options).train()
     captured = []
     head_loss = model.head.compute_loss
     model.head.compute_loss = lambda targets, outputs, anchors, matched: captured.append(matched) or head_loss(
@@ -182,3 +183,24 @@ def test_softplus_distances_are_the_same_conv_with_softplus_on_its_output():
     assert soft.state_dict().keys() == conv.state_dict().keys()  # checkpoints keep their keys
     soft(x).sum().backward()  # every output has a gradient, where ReLU's would be zero below 0
     assert (soft.bias.grad.abs() > 0).all()
+
+
+def test_p2_level_gives_small_objects_stride_4_locations_and_trains_and_detects():
+    generator = torch.Generator().manual_seed(4)
+    images = torch.rand(1, 3, 128, 128, generator=generator)
+    small = torch.tensor([[17.0, 17.0, 23.0, 23.0]])  # 6 px; locations sit at multiples of the stride: 16, 24 ...
+    positives = {}
+    for p2 in (False, True):
+        model = build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=128, max_size=128, p2_level=p2)
+        features = list(model.backbone(images).values())
+        assert [128 // f.shape[-1] for f in features] == [4, 8, 16, 32, 64, 128][0 if p2 else 1:]
+        anchors = model.anchor_generator(model.transform(list(images))[0], features)[0]
+        counts = [f.shape[-2] * f.shape[-1] for f in features]
+        assert torch.equal(anchors[: counts[0]][:, 2] - anchors[: counts[0]][:, 0],
+                           torch.full((counts[0],), 4.0 if p2 else 8.0))
+        positives[p2] = int((fcos_assign(small, anchors, counts) >= 0).sum())
+    assert positives == {False: 0, True: 1}  # (20, 20) on P2; none of P3's is inside the box
+    model = _trained_a_little("sprnet_fcos_resnet18_fpn", p2_level=True)
+    with torch.no_grad():
+        detection = model([torch.rand(3, 64, 64)])[0]
+    assert len(detection["boxes"]) and detection["masks"].shape == (len(detection["boxes"]), 1, 64, 64)

@@ -601,7 +601,8 @@ def sprnet_resnet18_fpn(num_classes: int, weights_backbone: str | Path | None = 
 
 
 def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
-                gated_fpn: bool = True, softplus_distances: bool = True, **kwargs: Any) -> SPRFCOS:
+                gated_fpn: bool = True, softplus_distances: bool = True, p2_level: bool = False,
+                **kwargs: Any) -> SPRFCOS:
     """SPRNet on FCOS (``SPRFCOS``): SPRNet's backbone, torchvision's FCOS head (GroupNorm towers, GIoU, centerness).
 
     One location per position whose stride-sized square (8 ... 128 px on P3-P7) sets FCOS's scale ranges, so it
@@ -609,15 +610,19 @@ def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Pa
     the RetinaNet family's (torchvision's FCOS: 0.2), and masks are decoded for detections scoring 0.3 or more
     (``mask_score_thresh``; on the plateau benchmark this cost 0.1 mask AP and halved latency at 128 px, see the
     README). ``softplus_distances``: box distances through softplus instead of torchvision's ReLU
-    (``SoftplusConv2d``; False only to measure the difference).
+    (``SoftplusConv2d``; False only to measure the difference). ``p2_level``: FCOS on P2-P7 (4 ... 128 px), so
+    objects under 32 px get stride-4 locations as Mask R-CNN's P2 gives them; the head then runs on about four
+    times the locations.
     """
     kwargs.setdefault("detections_per_img", 100)
     kwargs.setdefault("score_thresh", 0.05)
     kwargs.setdefault("mask_score_thresh", 0.3)
     _check_padding(backbone_name, kwargs)
-    backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=[2, 3, 4],
+    first = 1 if p2_level else 2  # the first ResNet stage with an FPN level: C2 (stride 4) or C3 (stride 8)
+    backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=list(range(first, 5)),
                             extra_blocks=LastLevelP6P7(256, 256), gated=gated_fpn)
-    anchors = AnchorGenerator(tuple((8 * 2 ** level,) for level in range(5)), ((1.0,),) * 5)
+    levels = 7 - first  # up to P7
+    anchors = AnchorGenerator(tuple((2 ** (first + 1 + level),) for level in range(levels)), ((1.0,),) * levels)
     head = FCOSHead(backbone.out_channels, 1, num_classes)
     if softplus_distances:
         head.regression_head.bbox_reg = SoftplusConv2d.like(head.regression_head.bbox_reg)
@@ -668,7 +673,7 @@ def detector_options(name: str) -> list[str]:
     ...): its class's and its torchvision base classes' named arguments."""
     family = next(f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f"{f}_"))
     names = {"weights_backbone", *(("gated_fpn",) if family.startswith("sprnet") else ()),
-             *(("softplus_distances",) if family == "sprnet_fcos" else ()),
+             *(("softplus_distances", "p2_level") if family == "sprnet_fcos" else ()),
              *(() if family in ANCHOR_FREE else ("smallest_anchor",))}
     for cls in FAMILY_CLASSES[family].__mro__:
         if "__init__" in vars(cls) and cls.__module__.startswith(("effdl", "torchvision")):
