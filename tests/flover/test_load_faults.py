@@ -1,6 +1,7 @@
 """300 requests with Poisson arrivals against a live server: malformed ones, clients that disconnect mid-stream
 and clients that give up on a timeout. Nothing may be lost or leaked: every well-formed request gets the tokens a
-plain greedy decode gives, every bad one a 4xx, and the engine ends with every slot free and nothing queued."""
+greedy decode in ``transformers`` gives on the same checkpoint, every bad one a 4xx, and the engine ends with every
+slot free and nothing queued."""
 
 import asyncio
 import json
@@ -8,8 +9,10 @@ import random
 
 import httpx
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
-from effdl.core.generate import generate
+from effdl.core.hf import save_checkpoint
 from effdl.core.tokenizer import ByteTokenizer
 from effdl.flover.async_engine import AsyncEngine
 from effdl.flover.engine import Engine
@@ -28,13 +31,23 @@ MALFORMED = [
 ]
 
 
-def _greedy(model, prompt: str, n: int) -> str:
-    """The reference: a plain greedy decode, without the engine (its eos, if it ends there, is not shown)."""
-    out = generate(model, TOK.encode(prompt), n)
-    return TOK.decode(out[:-1] if out and out[-1] == model.config.eos_id else out)
+@pytest.fixture(scope="module")
+def hf_greedy(model, tmp_path_factory):
+    """The reference: ``transformers``' greedy ``generate`` on the served model's own checkpoint; (prompt, n) ->
+    the text of its first n tokens (an eos, if it ends there, is not shown, as the server does not show it)."""
+    hf = LlamaForCausalLM.from_pretrained(save_checkpoint(model, tmp_path_factory.mktemp("served"))).eval()
+    eos = model.config.eos_id
+
+    def greedy(prompt: str, n: int) -> str:
+        ids = torch.tensor([TOK.encode(prompt)])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=eos, pad_token_id=eos)[0, ids.shape[1]:].tolist()
+        return TOK.decode(out[:-1] if out and out[-1] == eos else out)
+
+    return greedy
 
 
-def test_poisson_load_with_malformed_disconnecting_and_abandoning_clients(model):
+def test_poisson_load_with_malformed_disconnecting_and_abandoning_clients(model, hf_greedy):
     rng = random.Random(0)
     kinds = ["ok"] * 225 + ["malformed"] * 30 + ["disconnect"] * 30 + ["abandon"] * 15
     rng.shuffle(kinds)
@@ -44,7 +57,7 @@ def test_poisson_load_with_malformed_disconnecting_and_abandoning_clients(model)
         arrivals.append(t)
     plans = [(kind, at, rng.choice(PROMPTS), rng.randint(2, 8), rng.randrange(len(MALFORMED)))
              for kind, at in zip(kinds, arrivals, strict=True)]
-    expected = {(p, n): _greedy(model, p, n) for _, _, p, n, _ in plans}
+    expected = {(p, n): hf_greedy(p, n) for _, _, p, n, _ in plans}
     engine = AsyncEngine(Engine(model, TOK, max_slots=8, max_len=160, max_queue=1024))
 
     async def one(client: httpx.AsyncClient, url: str, kind: str, at: float, prompt: str, n: int, bad: int):
@@ -101,5 +114,5 @@ def test_poisson_load_with_malformed_disconnecting_and_abandoning_clients(model)
     assert "flover_free_slots 8" in metrics
     # Every client that left was aborted rather than run to its 120 tokens: 30 disconnected, 15 gave up.
     assert 'vllm:request_success_total{model_name="tiny",finished_reason="abort"} 45' in metrics
-    assert after.status_code == 200 and after.json()["choices"][0]["text"] == _greedy(model, PROMPTS[0], 4)
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] == hf_greedy(PROMPTS[0], 4)
     assert health == {"status": "ok"}
