@@ -40,7 +40,7 @@ from torchvision.ops import box_iou
 from effdl.report import line_panels
 from effdl.sprnet.evaluate import METRIC_NAMES
 from effdl.sprnet.pretrain import pretrain_backbone, save_backbone
-from effdl.sprnet.spr_head import paste_masks
+from effdl.sprnet.spr_head import paste_masks, scale_boxes
 from effdl.sprnet.train import (
     TRAINER,
     DetectionTrainConfig,
@@ -65,13 +65,16 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-predframes": ("sprnet_fcos", {"mask_in_predicted_boxes": True}, True),  # masks in predicted boxes
     "sprnet_fcos-maskw4": ("sprnet_fcos", {"mask_loss_weight": 4.0}, True),  # more of the features' gradient
     "sprnet_fcos-p2": ("sprnet_fcos", {"p2_level": True}, True),  # FCOS on P2-P7: stride-4 locations
+    # masks learnt in each positive's predicted box scaled 1.5x, and pasted in the predicted box scaled the same
+    "sprnet_fcos-predframes-frame1.5": ("sprnet_fcos", {"mask_in_predicted_boxes": True, "mask_frame_scale": 1.5},
+                                        True),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
                  "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
-                 "sprnet_fcos-maskw4", "sprnet_fcos-p2")
+                 "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -207,7 +210,8 @@ def mask_quality(checkpoint: Path) -> dict[str, float]:
                 filled = torch.zeros(height, width, dtype=torch.bool)
                 x0, y0, x1, y1 = box.round().int().tolist()
                 filled[y0:y1, x0:x1] = True
-                in_true_box = paste_masks(frame[best][None], box[None], height, width)[0] > 0.5
+                true_frame = scale_boxes(box[None], getattr(model, "mask_frame_scale", 1.0))  # as the model pastes
+                in_true_box = paste_masks(frame[best][None], true_frame, height, width)[0] > 0.5
                 sums["box IoU"] += overlaps.max().item()
                 sums["mask IoU"] += iou(det["masks"][best, 0] > 0.5, truth)
                 sums["mask IoU in the true box"] += iou(in_true_box, truth)

@@ -9,7 +9,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import SoftplusConv2d, fcos_assign
-from effdl.sprnet.spr_head import mask_boxes, maskness, paste_masks
+from effdl.sprnet.spr_head import mask_boxes, mask_targets, maskness, paste_masks, scale_boxes
 
 
 def _random_boxes(n: int, height: int, width: int, generator: torch.Generator, smallest: int = 4) -> torch.Tensor:
@@ -46,6 +46,47 @@ def test_paste_masks_matches_torchvision_paste():
     column[0, :, 3] = 1
     pasted = paste_masks(column, torch.tensor([[10.0, 0.0, 74.0, 64.0]]), 64, 90)[0, 32]
     assert torch.equal((pasted > 0.5).nonzero().flatten(), torch.tensor([16, 17]))
+
+
+def test_scale_boxes_keeps_centres_and_scales_sides():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0], [0.0, 0.0, 4.0, 2.0]])
+    torch.testing.assert_close(scale_boxes(boxes, 1.0), boxes)
+    torch.testing.assert_close(scale_boxes(boxes, 1.5), torch.tensor([[5.0, 10.0, 35.0, 70.0], [-1.0, -0.5, 5.0, 2.5]]))
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.5, 2.0])
+def test_a_mask_learnt_in_a_scaled_frame_pastes_back_onto_its_object(factor):
+    """Training crops the target from the scaled box and inference pastes into the scaled box: the round trip gives
+    back the object, including the parts a too-small box cuts off, which only a frame scale above 1 keeps."""
+    height, width = 80, 80
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    disc = (((ys - 40) ** 2 + (xs - 36) ** 2) < 15**2).float()  # radius 15 around (36, 40)
+    tight = torch.tensor([[21.0, 25.0, 51.0, 55.0]])
+    cut = torch.tensor([[25.0, 29.0, 47.0, 51.0]])  # a predicted box 4 px inside the object on every side
+    for box in (tight, cut):
+        frame = scale_boxes(box, factor)
+        target = mask_targets(disc[None], frame, 32)  # (1, 32, 32), as the loss sees it
+        pasted = paste_masks(target, frame, height, width)[0] > 0.5
+        iou = (pasted & disc.bool()).sum() / (pasted | disc.bool()).sum()
+        # at 1x the cut box loses the object's rim (IoU ~0.6); at 1.5x and more its frame holds the whole disc
+        assert iou > (0.9 if box is tight or factor >= 1.5 else 0.5), (factor, iou)
+        assert (iou > 0.9) == (box is tight or factor >= 1.5), (factor, iou)
+
+
+def test_mask_frame_scale_pastes_each_mask_in_its_scaled_box():
+    model = _trained_a_little("sprnet_fcos_resnet18_fpn")
+    logits = []
+    model.mask_head.register_forward_hook(lambda module, args, out: logits.append(out))
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        model.mask_frame_scale = 1.5
+        detection = model([image])[0]
+    box_frame = logits[0][torch.arange(len(detection["labels"])), detection["labels"]].sigmoid()
+    reference = paste_masks_in_image(box_frame[:, None], scale_boxes(detection["boxes"], 1.5), (64, 64))
+    assert len(detection["boxes"]) and detection["masks"].shape == reference.shape
+    assert (detection["masks"] - reference).abs().mean() < 0.02  # torchvision's paste, up to its pixel rounding
+    with pytest.raises(ValueError, match="mask_frame_scale must be at least 1"):
+        build_detector("sprnet_fcos_resnet18_fpn", 3, mask_frame_scale=0.5)
 
 
 def test_mask_boxes_are_the_tight_boxes_of_a_brute_force_scan():

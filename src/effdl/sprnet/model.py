@@ -56,6 +56,7 @@ from effdl.sprnet.spr_head import (
     mask_targets,
     maskness,
     paste_masks,
+    scale_boxes,
     spr_mask_loss,
 )
 
@@ -227,14 +228,19 @@ class SPRMixin:
         mask_scoring: multiply each score by its mask's maskness (SOLO's mask quality, ``spr_head.maskness``).
         refine_boxes: replace each box by the tight box of its pasted mask.
         mask_loss_weight: the mask loss's weight in the total (1: the paper's plain sum).
+        mask_frame_scale: each mask is learnt and pasted in its box scaled by this about its centre
+            (``spr_head.scale_boxes``; 1: the box itself, as the paper does), so that it can reach past a box that
+            cuts into its object.
     """
 
     def _init_spr(self, in_channels: int, num_classes: int, mask_head: nn.Module | None, mask_size: int,
                   mask_dilations: Sequence[int],
                   mask_positives_per_image: int, class_agnostic_masks: bool, mask_score_thresh: float,
-                  mask_scoring: bool, refine_boxes: bool, mask_loss_weight: float) -> None:
+                  mask_scoring: bool, refine_boxes: bool, mask_loss_weight: float, mask_frame_scale: float) -> None:
         if mask_loss_weight <= 0:
             raise ValueError(f"mask_loss_weight must be positive, got {mask_loss_weight}")
+        if mask_frame_scale < 1:
+            raise ValueError(f"mask_frame_scale must be at least 1 (the box itself), got {mask_frame_scale}")
         self.mask_head = mask_head or SPRMaskHead(in_channels, 1 if class_agnostic_masks else num_classes,
                                                   tuple(mask_dilations), mask_size)
         self.mask_positives_per_image = mask_positives_per_image
@@ -243,6 +249,7 @@ class SPRMixin:
         self.mask_scoring = mask_scoring
         self.refine_boxes = refine_boxes
         self.mask_loss_weight = mask_loss_weight
+        self.mask_frame_scale = mask_frame_scale
 
     def forward(self, images: list[Tensor], targets: Targets | None = None) -> dict[str, Tensor] | Targets:
         if self.training:
@@ -281,7 +288,8 @@ class SPRMixin:
             images.append(torch.full_like(location, i))
             locations.append(location)
             labels.append(self.mask_labels(target["labels"][gt]))
-            soft_masks.append(mask_targets(target["masks"], frame, size, owners=gt))
+            soft_masks.append(mask_targets(target["masks"], scale_boxes(frame, self.mask_frame_scale), size,
+                                           owners=gt))
         if not locations:  # background-only batch: decode one location so the zero loss reaches every weight
             zero = torch.zeros(1, dtype=torch.long, device=features[0].device)
             logits = self.mask_head(features, zero, zero)[:0]
@@ -302,7 +310,7 @@ class SPRMixin:
 
     def add_masks(self, detection: dict[str, Tensor], masks: Tensor, image_size: tuple[int, int]) -> dict[str, Tensor]:
         """Paste one image's box-frame masks at its original size: ``masks`` (N, 1, H, W), as Mask R-CNN's."""
-        pasted = paste_masks(masks, detection["boxes"], *image_size)  # (N, H, W)
+        pasted = paste_masks(masks, scale_boxes(detection["boxes"], self.mask_frame_scale), *image_size)  # (N, H, W)
         if self.mask_scoring:
             detection["scores"] = detection["scores"] * maskness(masks)
         if self.refine_boxes:
@@ -317,7 +325,7 @@ _SPR_OPTIONS = """
         mask_size: the side M of the box-frame mask (paper: 32).
         mask_dilations: the fusion's 3x3 conv dilations (paper: 2, 4, 6 on COCO-sized images).
         mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
-        mask_loss_weight:
+        mask_loss_weight, mask_frame_scale:
             see ``SPRMixin``.
 
     Targets in train mode: torchvision's ``boxes`` (G, 4) xyxy and ``labels`` (G,),
@@ -336,11 +344,12 @@ class SPRNet(SPRMixin, RetinaNet):
                  mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
                  mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300,
                  class_agnostic_masks: bool = False, mask_score_thresh: float = 0.0, mask_scoring: bool = False,
-                 refine_boxes: bool = False, mask_loss_weight: float = 1.0, **kwargs: Any):
+                 refine_boxes: bool = False, mask_loss_weight: float = 1.0, mask_frame_scale: float = 1.0,
+                 **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
-                       mask_loss_weight)
+                       mask_loss_weight, mask_frame_scale)
         self.mask_fg_iou_thresh = mask_fg_iou_thresh
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
@@ -374,11 +383,12 @@ class SPRFCOS(SPRMixin, FCOS):
                  mask_size: int = MASK_SIZE, mask_dilations: Sequence[int] = DILATIONS,
                  mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
-                 mask_in_predicted_boxes: bool = False, mask_loss_weight: float = 1.0, **kwargs: Any):
+                 mask_in_predicted_boxes: bool = False, mask_loss_weight: float = 1.0,
+                 mask_frame_scale: float = 1.0, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
-                       mask_loss_weight)
+                       mask_loss_weight, mask_frame_scale)
         self.mask_in_predicted_boxes = mask_in_predicted_boxes
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],

@@ -209,6 +209,16 @@ def mask_frames(predicted: Tensor, truth: Tensor, min_iou: float = 0.5) -> Tenso
     return torch.where(overlapping[:, None], predicted, truth)
 
 
+def scale_boxes(boxes: Tensor, factor: float) -> Tensor:
+    """Boxes (N, 4) xyxy scaled by ``factor`` about their centres (1: unchanged). Cost O(N).
+
+    A mask learnt and pasted in its box scaled by more than 1 covers what lies just outside the box too, so a box
+    that cuts into its object no longer cuts the object's mask.
+    """
+    centre, half = (boxes[:, :2] + boxes[:, 2:]) / 2, (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return torch.cat([centre - half, centre + half], 1)
+
+
 def spr_mask_loss(logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """Binary cross-entropy on each positive's ground-truth class channel only, averaged over pixels.
 
