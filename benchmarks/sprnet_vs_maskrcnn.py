@@ -3,6 +3,8 @@
     python benchmarks/sprnet_vs_maskrcnn.py [--runs maskrcnn retinanet sprnet_fcos ...] [--epochs 10]
                                             [--image-size 96] [--train-images 400] [--latency-sizes 128 512]
     python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNGs from results/sprnet_vs_maskrcnn.json
+    python benchmarks/sprnet_vs_maskrcnn.py --ablation-report --runs sprnet_fcos sprnet_fcos-p2 ...
+        # training ablations only, against SPR-FCOS's defaults trained on the same machine: sprnet_fcos_ablation.*
 
 Every run uses one recipe (``effdl.sprnet.train``) and the same data, epochs and starting backbone: a ResNet-18
 pretrained by classifying the training split's object crops (``--pretrain-steps``; the stand-in for the ImageNet
@@ -252,6 +254,30 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
                 xlabel="epoch", ylabel="COCO AP on validation (%)")
 
 
+def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
+                    args: argparse.Namespace) -> None:
+    """sprnet_fcos_ablation.json/.png: each training ablation's last validation pass and mask quality, and its
+    difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot."""
+    base = "sprnet_fcos"
+    metrics = {run: histories[run][-1]["metrics"] for run in runs}
+    quality = {run: mask_quality(checkpoints[run]) for run in runs}
+    columns = ["run", *(f"box {m}" for m in METRIC_NAMES), *(f"mask {m}" for m in METRIC_NAMES),
+               "box AP diff", "mask AP diff", "matched mask IoU"]
+    rows = [(run, *_cells(m, "bbox"), *_cells(m, "segm"),
+             *(f"{100 * (m[kind]['AP'] - metrics[base][kind]['AP']):+.1f}" for kind in ("bbox", "segm")),
+             f"{quality[run]['mask IoU']:.3f}") for run, m in metrics.items()]
+    report("sprnet_fcos_ablation", f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
+           f"{args.epochs:g} epochs, one machine", columns, rows,
+           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "history": histories})
+    panels = {"mask AP": {}, "box AP": {}}
+    for run, history in histories.items():
+        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
+            panels[panel][run] = ([h["epoch"] for h in history], [100 * h["metrics"][kind]["AP"] for h in history])
+    line_panels(RESULTS / "sprnet_fcos_ablation.png", panels, title=f"SPR-FCOS ablations, {args.image_size} px "
+                f"shapes, {args.backbone}-FPN, the same recipe and epochs", xlabel="epoch",
+                ylabel="COCO AP on validation (%)")
+
+
 def targets(metrics: dict, ablation: dict, seconds: dict, sizes: list[int],
             final: str) -> list[tuple[str, str, str]]:
     """The issue's targets at equal epochs, each with its measurement and met / missed: ``final`` with its
@@ -283,6 +309,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
     parser.add_argument("--train-only", action="store_true", help="train --runs, then stop (no report)")
+    parser.add_argument("--ablation-report", action="store_true",
+                        help="train (or reuse) --runs, SPR-FCOS variants with sprnet_fcos among them, and report them "
+                             "against sprnet_fcos only (no baselines, no latency)")
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
     parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
@@ -305,13 +334,19 @@ def main() -> None:
         plot()
         return
 
+    if args.ablation_report and ("sprnet_fcos" not in args.runs
+                                 or any(RUNS[run][0] != "sprnet_fcos" for run in args.runs)):
+        parser.error("--ablation-report takes SPR-FCOS runs only, sprnet_fcos (the defaults) among them")
     missing = [run for run in ("maskrcnn", "retinanet", *ABLATED) if run not in args.runs]
-    if missing and not args.train_only:
+    if missing and not (args.train_only or args.ablation_report):
         parser.error(f"the report needs the runs {', '.join(missing)} (or train a subset with --train-only)")
     checkpoints, histories = {}, {}
     for run in args.runs:
         checkpoints[run], histories[run] = train(run_config(args, run))
     if args.train_only:
+        return
+    if args.ablation_report:
+        ablation_report(args.runs, histories, checkpoints, args)
         return
     metrics = {run: history[-1]["metrics"] for run, history in histories.items()}
 
