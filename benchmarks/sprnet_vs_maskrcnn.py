@@ -70,13 +70,15 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     # masks learnt in each positive's predicted box scaled 1.5x, and pasted in the predicted box scaled the same
     "sprnet_fcos-predframes-frame1.5": ("sprnet_fcos", {"mask_in_predicted_boxes": True, "mask_frame_scale": 1.5},
                                         True),
+    "sprnet_fcos-iouq": ("sprnet_fcos", {"iou_quality": True}, True),  # centerness branch learns the box IoU
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
                  "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
-                 "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5")
+                 "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
+                 "sprnet_fcos-iouq")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -257,7 +259,8 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
                     args: argparse.Namespace) -> None:
     """sprnet_fcos_ablation.json/.png: each training ablation's last validation pass and mask quality, and its
-    difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot."""
+    difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; and
+    sprnet_fcos_ablation_latency.json: the latency of those with a ``LATENCY`` entry, as a ratio to the defaults'."""
     base = "sprnet_fcos"
     metrics = {run: histories[run][-1]["metrics"] for run in runs}
     quality = {run: mask_quality(checkpoints[run]) for run in runs}
@@ -269,6 +272,13 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
     report("sprnet_fcos_ablation", f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
            extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "history": histories})
+    seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
+    names = list(seconds[args.latency_sizes[0]])
+    report("sprnet_fcos_ablation_latency", f"median latency per image, batch 1 on {args.device} (ms)",
+           ["run", *(f"@{s}px" for s in args.latency_sizes), *(f"vs {base} @{s}px" for s in args.latency_sizes)],
+           [(name, *(f"{1e3 * seconds[s][name]:.1f}" for s in args.latency_sizes),
+             *(f"{seconds[s][name] / seconds[s][base]:.2f}x" for s in args.latency_sizes)) for name in names],
+           extra={"latency_s": seconds})
     panels = {"mask AP": {}, "box AP": {}}
     for run, history in histories.items():
         for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):

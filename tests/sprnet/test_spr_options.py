@@ -2,14 +2,16 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from box_targets import box_target
 from torch import nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.roi_heads import paste_masks_in_image
+from torchvision.ops import box_iou
 
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import SoftplusConv2d, fcos_assign
-from effdl.sprnet.spr_head import mask_boxes, mask_targets, maskness, paste_masks, scale_boxes
+from effdl.sprnet.spr_head import mask_boxes, mask_targets, maskness, paired_box_iou, paste_masks, scale_boxes
 
 
 def _random_boxes(n: int, height: int, width: int, generator: torch.Generator, smallest: int = 4) -> torch.Tensor:
@@ -87,6 +89,42 @@ def test_mask_frame_scale_pastes_each_mask_in_its_scaled_box():
     assert (detection["masks"] - reference).abs().mean() < 0.02  # torchvision's paste, up to its pixel rounding
     with pytest.raises(ValueError, match="mask_frame_scale must be at least 1"):
         build_detector("sprnet_fcos_resnet18_fpn", 3, mask_frame_scale=0.5)
+
+
+def test_paired_box_iou_is_the_diagonal_of_torchvisions_box_iou():
+    generator = torch.Generator().manual_seed(3)
+    a, b = _random_boxes(20, 50, 60, generator), _random_boxes(20, 50, 60, generator)
+    b[0] = a[0]  # identical
+    b[1] = a[1] + 200  # disjoint
+    torch.testing.assert_close(paired_box_iou(a, b), box_iou(a, b).diagonal())
+
+
+def test_iou_quality_trains_the_centerness_branch_on_each_locations_box_iou():
+    """With ``iou_quality`` only the centerness loss changes, to BCE against the IoU (torchvision's ``box_iou``) of
+    each foreground location's decoded box with its FCOS-assigned ground truth."""
+    image = torch.rand(3, 64, 64)
+    target = box_target([[8, 10, 40, 44], [36, 30, 60, 60]], [1, 2], (64, 64))
+    losses, captured = {}, []
+    for iou_quality in (False, True):
+        torch.manual_seed(0)
+        model = build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=64, max_size=64, iou_quality=iou_quality)
+        model.head.register_forward_hook(lambda module, args, out: captured.append(out))
+        torch.manual_seed(1)  # the same sampled mask positives
+        losses[iou_quality] = model.train()([image], [target])
+    for key in ("classification", "bbox_regression", "loss_mask"):
+        torch.testing.assert_close(losses[True][key], losses[False][key])
+    outputs = captured[1]
+    features = list(model.backbone(image[None]).values())  # only their shapes matter here
+    anchors = model.anchor_generator(model.transform([image])[0], features)[0]
+    matched = fcos_assign(target["boxes"], anchors, [f.shape[-2] * f.shape[-1] for f in features],
+                          model.center_sampling_radius)
+    foreground = (matched >= 0).nonzero().flatten()
+    assert len(foreground)
+    predicted = model.box_coder.decode(outputs["bbox_regression"][0, foreground], anchors[foreground])
+    iou = box_iou(predicted, target["boxes"][matched[foreground]]).diagonal()
+    expected = F.binary_cross_entropy_with_logits(outputs["bbox_ctrness"][0, foreground, 0], iou, reduction="sum")
+    torch.testing.assert_close(losses[True]["bbox_ctrness"], expected / len(foreground))
+    assert not torch.allclose(losses[True]["bbox_ctrness"], losses[False]["bbox_ctrness"])
 
 
 def test_mask_boxes_are_the_tight_boxes_of_a_brute_force_scan():

@@ -55,6 +55,7 @@ from effdl.sprnet.spr_head import (
     mask_positives,
     mask_targets,
     maskness,
+    paired_box_iou,
     paste_masks,
     scale_boxes,
     spr_mask_loss,
@@ -207,6 +208,18 @@ def fcos_assign(gt_boxes: Tensor, anchors: Tensor, level_counts: list[int], radi
     area_if_candidate = torch.where(candidate, areas[None], float("inf"))
     smallest, gt = area_if_candidate.min(1)
     return torch.where(smallest.isfinite(), gt, -1)
+
+
+def iou_quality_loss(quality_logits: Tensor, predicted: Tensor, truth: Tensor) -> Tensor:
+    """Summed BCE of each foreground location's quality logit (F,) against the IoU of its predicted box with its
+    ground-truth box (both (F, 4) xyxy; the IoU is a target, no gradient reaches the boxes through it).
+
+    Trained so, FCOS's centerness branch predicts how well a location localises its object rather than how central
+    it is, and the detection score sqrt(class x quality) ranks the well-localised boxes first (IoU-aware scoring,
+    as in Wu et al.'s IoU-aware single-stage detector and VarifocalNet). Cost O(F).
+    """
+    iou = paired_box_iou(predicted, truth).detach()
+    return F.binary_cross_entropy_with_logits(quality_logits, iou, reduction="sum")
 
 
 def scoring_at_least(detection: dict[str, Tensor], thresh: float) -> dict[str, Tensor]:
@@ -376,7 +389,8 @@ class SPRFCOS(SPRMixin, FCOS):
     ``mask_positives_per_image``), so each object has several mask positives, not one best anchor.
     ``mask_in_predicted_boxes``: each positive learns its mask in the frame of its own predicted box (where that
     overlaps the ground truth by IoU 0.5, ``spr_head.mask_frames``), the box it is pasted into at inference,
-    instead of in the ground-truth box.
+    instead of in the ground-truth box. ``iou_quality``: the centerness branch learns each location's predicted-box
+    IoU with its object instead of its centerness (``iou_quality_loss``), so scores rank localisation quality.
     """ + _SPR_OPTIONS
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
@@ -384,12 +398,13 @@ class SPRFCOS(SPRMixin, FCOS):
                  mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
                  mask_in_predicted_boxes: bool = False, mask_loss_weight: float = 1.0,
-                 mask_frame_scale: float = 1.0, **kwargs: Any):
+                 mask_frame_scale: float = 1.0, iou_quality: bool = False, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
                        mask_loss_weight, mask_frame_scale)
         self.mask_in_predicted_boxes = mask_in_predicted_boxes
+        self.iou_quality = iou_quality
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
                        level_counts: list[int]) -> tuple[dict[str, Tensor], list[Positives]]:
@@ -404,7 +419,18 @@ class SPRFCOS(SPRMixin, FCOS):
                 predicted = self.box_coder.decode(head_outputs["bbox_regression"][i, location].detach(), a[location])
                 frame = mask_frames(predicted, frame)
             positives.append((location, gt, frame))
-        return self.head.compute_loss(targets, head_outputs, anchors, matched), positives
+        losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
+        if self.iou_quality:  # the same normaliser as torchvision's centerness loss: foreground locations
+            location, predicted, truth = [], [], []
+            for i, (t, a, m) in enumerate(zip(targets, anchors, matched, strict=True)):
+                foreground = (m >= 0).nonzero().flatten()
+                location.append(i * len(a) + foreground)
+                predicted.append(self.box_coder.decode(head_outputs["bbox_regression"][i, foreground], a[foreground]))
+                truth.append(t["boxes"][m[foreground]])
+            quality = head_outputs["bbox_ctrness"].flatten()[torch.cat(location)]  # (F,)
+            losses["bbox_ctrness"] = iou_quality_loss(quality, torch.cat(predicted), torch.cat(truth)) / max(
+                1, len(quality))
+        return losses, positives
 
     def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
                    image_shapes: list[tuple[int, int]]) -> Targets:

@@ -202,11 +202,16 @@ def mask_frames(predicted: Tensor, truth: Tensor, min_iou: float = 0.5) -> Tenso
     predictions are far off, the ground-truth frame keeps the targets meaningful. ``predicted`` and ``truth`` are
     (N, 4) xyxy, row-aligned. Cost O(N).
     """
-    lo, hi = torch.maximum(predicted[:, :2], truth[:, :2]), torch.minimum(predicted[:, 2:], truth[:, 2:])
+    return torch.where((paired_box_iou(predicted, truth) >= min_iou)[:, None], predicted, truth)
+
+
+def paired_box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of row-aligned boxes: a[i] with b[i], both (N, 4) xyxy (a may be degenerate) -> (N,). Cost O(N), where
+    ``torchvision.ops.box_iou`` computes all N x N pairs."""
+    lo, hi = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
     inter = (hi - lo).clamp(min=0).prod(1)
-    union = (predicted[:, 2:] - predicted[:, :2]).clamp(min=0).prod(1) + (truth[:, 2:] - truth[:, :2]).prod(1) - inter
-    overlapping = inter >= min_iou * union.clamp(min=1e-6)
-    return torch.where(overlapping[:, None], predicted, truth)
+    union = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1) + (b[:, 2:] - b[:, :2]).prod(1) - inter
+    return inter / union.clamp(min=1e-6)
 
 
 def scale_boxes(boxes: Tensor, factor: float) -> Tensor:
