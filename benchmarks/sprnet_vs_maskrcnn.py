@@ -3,8 +3,8 @@
     python benchmarks/sprnet_vs_maskrcnn.py [--runs maskrcnn retinanet sprnet_fcos ...] [--epochs 10]
                                             [--image-size 96] [--train-images 400] [--latency-sizes 128 512]
     python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNGs from results/sprnet_vs_maskrcnn.json
-    python benchmarks/sprnet_vs_maskrcnn.py --ablation-report --runs sprnet_fcos sprnet_fcos-p2 ...
-        # training ablations only, against SPR-FCOS's defaults trained on the same machine: sprnet_fcos_ablation.*
+    python benchmarks/sprnet_vs_maskrcnn.py --ablation-report --runs sprnet_fcos sprnet_fcos-p2 ... [retinanet]
+        # SPR-FCOS training ablations against its defaults trained on the same machine: sprnet_fcos_ablation*
 
 Every run uses one recipe (``effdl.sprnet.train``) and the same data, epochs and starting backbone: a ResNet-18
 pretrained by classifying the training split's object crops (``--pretrain-steps``; the stand-in for the ImageNet
@@ -258,12 +258,14 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
 
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
                     args: argparse.Namespace) -> None:
-    """sprnet_fcos_ablation.json/.png: each training ablation's last validation pass and mask quality, and its
-    difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; and
-    sprnet_fcos_ablation_latency.json: the latency of those with a ``LATENCY`` entry, as a ratio to the defaults'."""
+    """sprnet_fcos_ablation.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
+    its difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; and
+    sprnet_fcos_ablation_latency.json: the latency of the runs with a ``LATENCY`` entry, as ratios to the defaults'
+    and, where ``retinanet`` is among ``runs``, to RetinaNet's (the latency target's reference)."""
     base = "sprnet_fcos"
-    metrics = {run: histories[run][-1]["metrics"] for run in runs}
-    quality = {run: mask_quality(checkpoints[run]) for run in runs}
+    spr_runs = [run for run in runs if RUNS[run][0] == "sprnet_fcos"]
+    metrics = {run: histories[run][-1]["metrics"] for run in spr_runs}
+    quality = {run: mask_quality(checkpoints[run]) for run in spr_runs}
     columns = ["run", *(f"box {m}" for m in METRIC_NAMES), *(f"mask {m}" for m in METRIC_NAMES),
                "box AP diff", "mask AP diff", "matched mask IoU"]
     rows = [(run, *_cells(m, "bbox"), *_cells(m, "segm"),
@@ -271,21 +273,25 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
              f"{quality[run]['mask IoU']:.3f}") for run, m in metrics.items()]
     report("sprnet_fcos_ablation", f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
-           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "history": histories})
-    seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
-    names = list(seconds[args.latency_sizes[0]])
-    report("sprnet_fcos_ablation_latency", f"median latency per image, batch 1 on {args.device} (ms)",
-           ["run", *(f"@{s}px" for s in args.latency_sizes), *(f"vs {base} @{s}px" for s in args.latency_sizes)],
-           [(name, *(f"{1e3 * seconds[s][name]:.1f}" for s in args.latency_sizes),
-             *(f"{seconds[s][name] / seconds[s][base]:.2f}x" for s in args.latency_sizes)) for name in names],
-           extra={"latency_s": seconds})
+           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality,
+                  "history": {run: histories[run] for run in spr_runs}})
     panels = {"mask AP": {}, "box AP": {}}
-    for run, history in histories.items():
+    for run in spr_runs:
         for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
-            panels[panel][run] = ([h["epoch"] for h in history], [100 * h["metrics"][kind]["AP"] for h in history])
+            panels[panel][run] = ([h["epoch"] for h in histories[run]],
+                                  [100 * h["metrics"][kind]["AP"] for h in histories[run]])
     line_panels(RESULTS / "sprnet_fcos_ablation.png", panels, title=f"SPR-FCOS ablations, {args.image_size} px "
                 f"shapes, {args.backbone}-FPN, the same recipe and epochs", xlabel="epoch",
                 ylabel="COCO AP on validation (%)")
+    seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
+    references = [ref for ref in (base, "retinanet") if ref in seconds[args.latency_sizes[0]]]
+    report("sprnet_fcos_ablation_latency", f"median latency per image, batch 1 on {args.device} (ms)",
+           ["run", *(f"@{s}px" for s in args.latency_sizes),
+            *(f"vs {ref} @{s}px" for ref in references for s in args.latency_sizes)],
+           [(name, *(f"{1e3 * seconds[s][name]:.1f}" for s in args.latency_sizes),
+             *(f"{seconds[s][name] / seconds[s][ref]:.2f}x" for ref in references for s in args.latency_sizes))
+            for name in seconds[args.latency_sizes[0]]],
+           extra={"latency_s": seconds})
 
 
 def targets(metrics: dict, ablation: dict, seconds: dict, sizes: list[int],
@@ -320,8 +326,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
     parser.add_argument("--train-only", action="store_true", help="train --runs, then stop (no report)")
     parser.add_argument("--ablation-report", action="store_true",
-                        help="train (or reuse) --runs, SPR-FCOS variants with sprnet_fcos among them, and report them "
-                             "against sprnet_fcos only (no baselines, no latency)")
+                        help="train (or reuse) --runs, SPR-FCOS variants with sprnet_fcos among them (and retinanet "
+                             "for latency), and report them against sprnet_fcos only")
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
     parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
@@ -345,8 +351,9 @@ def main() -> None:
         return
 
     if args.ablation_report and ("sprnet_fcos" not in args.runs
-                                 or any(RUNS[run][0] != "sprnet_fcos" for run in args.runs)):
-        parser.error("--ablation-report takes SPR-FCOS runs only, sprnet_fcos (the defaults) among them")
+                                 or any(RUNS[run][0] != "sprnet_fcos" for run in args.runs if run != "retinanet")):
+        parser.error("--ablation-report takes SPR-FCOS runs, sprnet_fcos (the defaults) among them, and optionally "
+                     "retinanet (the latency reference)")
     missing = [run for run in ("maskrcnn", "retinanet", *ABLATED) if run not in args.runs]
     if missing and not (args.train_only or args.ablation_report):
         parser.error(f"the report needs the runs {', '.join(missing)} (or train a subset with --train-only)")
