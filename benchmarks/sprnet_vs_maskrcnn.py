@@ -71,6 +71,8 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-predframes-frame1.5": ("sprnet_fcos", {"mask_in_predicted_boxes": True, "mask_frame_scale": 1.5},
                                         True),
     "sprnet_fcos-iouq": ("sprnet_fcos", {"iou_quality": True}, True),  # centerness branch learns the box IoU
+    "sprnet_fcos-local": ("sprnet_fcos", {"local_mask_features": True}, True),  # + the finest level in the frame
+    "sprnet_fcos-p2-local": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True}, True),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
@@ -78,7 +80,7 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
                  "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
                  "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
-                 "sprnet_fcos-iouq")
+                 "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -93,7 +95,8 @@ ABLATED = ("sprnet", "sprnet_fcos")  # the runs every inference option is evalua
 LATENCY: dict[str, tuple[str, dict]] = {"maskrcnn": ("maskrcnn", {}), "retinanet": ("retinanet", {}),
                                         "sprnet": ("sprnet", {}), "sprnet_fcos": ("sprnet_fcos", {}),
                                         "sprnet_fcos, all masks": ("sprnet_fcos", {"mask_score_thresh": 0.0}),
-                                        "sprnet_fcos-p2": ("sprnet_fcos-p2", {})}
+                                        "sprnet_fcos-p2": ("sprnet_fcos-p2", {}),
+                                        "sprnet_fcos-local": ("sprnet_fcos-local", {})}
 LABELS = {"maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet", "sprnet": "SPRNet (RetinaNet, paper)",
           "sprnet_fcos": "SPRNet-FCOS"}
 
@@ -183,9 +186,10 @@ def mask_quality(checkpoint: Path) -> dict[str, float]:
     ground-truth box instead (the mask with a perfect box), and of the filled ground-truth box (no shape at all)."""
     model, cfg = load_with_options(checkpoint, {})
     frames = []  # each forward's box-frame mask probabilities (N, M, M), in detection order
-    if hasattr(model, "mask_head"):  # SPR: the decoder's logits, the detection's class channel picked below
+    if hasattr(model, "mask_head"):  # SPR: the mask logits, the detection's class channel picked below
         model.mask_score_thresh = 0.0  # a mask for every detection above the score threshold, as Mask R-CNN's
-        model.mask_head.register_forward_hook(lambda module, args, out: frames.append(out))
+        mask_logits = model.mask_logits
+        model.mask_logits = lambda *args: frames.append(mask_logits(*args)) or frames[-1]
     else:  # Mask R-CNN: its RoI heads return box-frame masks before the transform pastes them
         model.roi_heads.register_forward_hook(lambda module, args, out: frames.append(out[0][0]["masks"][:, 0]))
     sums, matched = {"box IoU": 0.0, "mask IoU": 0.0, "mask IoU in the true box": 0.0, "filled true box IoU": 0.0}, 0

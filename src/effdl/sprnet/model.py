@@ -49,6 +49,7 @@ from effdl.soft.model import STRIDE as SOFT_STRIDE
 from effdl.sprnet.spr_head import (
     DILATIONS,
     MASK_SIZE,
+    LocalMaskLogits,
     SPRMaskHead,
     mask_boxes,
     mask_frames,
@@ -244,12 +245,15 @@ class SPRMixin:
         mask_frame_scale: each mask is learnt and pasted in its box scaled by this about its centre
             (``spr_head.scale_boxes``; 1: the box itself, as the paper does), so that it can reach past a box that
             cuts into its object.
+        local_mask_features: add to SPR's logits those the finest FPN level gives inside each mask's frame
+            (``spr_head.LocalMaskLogits``; off in the paper's SPR, which reads one location only).
     """
 
     def _init_spr(self, in_channels: int, num_classes: int, mask_head: nn.Module | None, mask_size: int,
                   mask_dilations: Sequence[int],
                   mask_positives_per_image: int, class_agnostic_masks: bool, mask_score_thresh: float,
-                  mask_scoring: bool, refine_boxes: bool, mask_loss_weight: float, mask_frame_scale: float) -> None:
+                  mask_scoring: bool, refine_boxes: bool, mask_loss_weight: float, mask_frame_scale: float,
+                  local_mask_features: bool) -> None:
         if mask_loss_weight <= 0:
             raise ValueError(f"mask_loss_weight must be positive, got {mask_loss_weight}")
         if mask_frame_scale < 1:
@@ -263,6 +267,8 @@ class SPRMixin:
         self.refine_boxes = refine_boxes
         self.mask_loss_weight = mask_loss_weight
         self.mask_frame_scale = mask_frame_scale
+        self.local_mask = (LocalMaskLogits(in_channels, 1 if class_agnostic_masks else num_classes)
+                           if local_mask_features else None)
 
     def forward(self, images: list[Tensor], targets: Targets | None = None) -> dict[str, Tensor] | Targets:
         if self.training:
@@ -276,22 +282,34 @@ class SPRMixin:
                         (f.shape[-2:] for f in features)]
         if self.training:
             losses, positives = self.detection_loss(targets, head_outputs, anchors, level_counts)
-            return {**losses, "loss_mask": self.mask_loss_weight * self.mask_loss(features, targets, positives)}
+            scale = features[0].shape[-1] / images.tensors.shape[-1]  # the finest level's pixels per image pixel
+            return {**losses, "loss_mask": self.mask_loss_weight * self.mask_loss(features, targets, positives, scale)}
         split_outputs = {k: list(v.split(level_counts, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(level_counts)) for a in anchors]
         detections = [scoring_at_least(d, self.mask_score_thresh)
                       for d in self.detections(split_outputs, split_anchors, images.image_sizes)]
-        masks = self.decode_masks(features, detections)
+        masks = self.decode_masks(features, detections, features[0].shape[-1] / images.tensors.shape[-1])
         detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
         return [self.add_masks(d, m, size) for d, m, size in zip(detections, masks, original_sizes, strict=True)]
 
     def mask_labels(self, labels: Tensor) -> Tensor:
         return torch.zeros_like(labels) if self.class_agnostic_masks else labels
 
-    def mask_loss(self, features: list[Tensor], targets: Targets, positives: list[Positives]) -> Tensor:
+    def mask_logits(self, features: list[Tensor], image: Tensor, location: Tensor, frames: Tensor,
+                    spatial_scale: float) -> Tensor:
+        """(N, K, M, M) mask logits of N locations (image and location indices (N,)) whose masks lie in ``frames``
+        (N, 4) xyxy: SPR's, plus the finest level's inside each frame with ``local_mask_features``."""
+        logits = self.mask_head(features, image, location)
+        if self.local_mask is not None:
+            rois = torch.cat([image[:, None].to(frames.dtype), frames], 1)
+            logits = logits + self.local_mask(features[0], rois, spatial_scale, self.mask_head.mask_size)
+        return logits
+
+    def mask_loss(self, features: list[Tensor], targets: Targets, positives: list[Positives],
+                  spatial_scale: float) -> Tensor:
         """SPR mask loss over the mask-training ``positives`` (location, gt, frame) of every image in the batch."""
         size = self.mask_head.mask_size
-        images, locations, labels, soft_masks = [], [], [], []
+        images, locations, labels, frames, soft_masks = [], [], [], [], []
         for i, (target, (location, gt, frame)) in enumerate(zip(targets, positives, strict=True)):
             if len(location) > self.mask_positives_per_image:
                 keep = torch.randperm(len(location), device=location.device)[: self.mask_positives_per_image]
@@ -301,23 +319,24 @@ class SPRMixin:
             images.append(torch.full_like(location, i))
             locations.append(location)
             labels.append(self.mask_labels(target["labels"][gt]))
-            soft_masks.append(mask_targets(target["masks"], scale_boxes(frame, self.mask_frame_scale), size,
-                                           owners=gt))
+            frames.append(scale_boxes(frame, self.mask_frame_scale))
+            soft_masks.append(mask_targets(target["masks"], frames[-1], size, owners=gt))
         if not locations:  # background-only batch: decode one location so the zero loss reaches every weight
             zero = torch.zeros(1, dtype=torch.long, device=features[0].device)
-            logits = self.mask_head(features, zero, zero)[:0]
+            logits = self.mask_logits(features, zero, zero, features[0].new_zeros(1, 4), spatial_scale)[:0]
             return spr_mask_loss(logits, zero[:0], logits.new_zeros(0, size, size))
-        logits = self.mask_head(features, torch.cat(images), torch.cat(locations))
+        logits = self.mask_logits(features, torch.cat(images), torch.cat(locations), torch.cat(frames), spatial_scale)
         return spr_mask_loss(logits, torch.cat(labels), torch.cat(soft_masks))
 
     @torch.no_grad()
-    def decode_masks(self, features: list[Tensor], detections: Targets) -> list[Tensor]:
+    def decode_masks(self, features: list[Tensor], detections: Targets, spatial_scale: float) -> list[Tensor]:
         """The masks of these detections only (never densely): (N_i, M, M) box-frame probabilities per image."""
         num_anchors = self.anchor_generator.num_anchors_per_location()[0]
         image = torch.cat([torch.full_like(d["anchor_idx"], i) for i, d in enumerate(detections)])
         location = torch.cat([d.pop("anchor_idx") for d in detections]) // num_anchors
         labels = self.mask_labels(torch.cat([d["labels"] for d in detections]))
-        logits = self.mask_head(features, image, location)  # (N, K, M, M)
+        frames = scale_boxes(torch.cat([d["boxes"] for d in detections]), self.mask_frame_scale)
+        logits = self.mask_logits(features, image, location, frames, spatial_scale)  # (N, K, M, M)
         masks = logits[torch.arange(len(labels)), labels].sigmoid()  # (N, M, M)
         return list(masks.split([len(d["labels"]) for d in detections]))
 
@@ -338,7 +357,7 @@ _SPR_OPTIONS = """
         mask_size: the side M of the box-frame mask (paper: 32).
         mask_dilations: the fusion's 3x3 conv dilations (paper: 2, 4, 6 on COCO-sized images).
         mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
-        mask_loss_weight, mask_frame_scale:
+        mask_loss_weight, mask_frame_scale, local_mask_features:
             see ``SPRMixin``.
 
     Targets in train mode: torchvision's ``boxes`` (G, 4) xyxy and ``labels`` (G,),
@@ -358,11 +377,11 @@ class SPRNet(SPRMixin, RetinaNet):
                  mask_fg_iou_thresh: float = 0.7, mask_positives_per_image: int = 300,
                  class_agnostic_masks: bool = False, mask_score_thresh: float = 0.0, mask_scoring: bool = False,
                  refine_boxes: bool = False, mask_loss_weight: float = 1.0, mask_frame_scale: float = 1.0,
-                 **kwargs: Any):
+                 local_mask_features: bool = False, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
-                       mask_loss_weight, mask_frame_scale)
+                       mask_loss_weight, mask_frame_scale, local_mask_features)
         self.mask_fg_iou_thresh = mask_fg_iou_thresh
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
@@ -398,11 +417,12 @@ class SPRFCOS(SPRMixin, FCOS):
                  mask_positives_per_image: int = 300, class_agnostic_masks: bool = False,
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
                  mask_in_predicted_boxes: bool = False, mask_loss_weight: float = 1.0,
-                 mask_frame_scale: float = 1.0, iou_quality: bool = False, **kwargs: Any):
+                 mask_frame_scale: float = 1.0, iou_quality: bool = False, local_mask_features: bool = False,
+                 **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
-                       mask_loss_weight, mask_frame_scale)
+                       mask_loss_weight, mask_frame_scale, local_mask_features)
         self.mask_in_predicted_boxes = mask_in_predicted_boxes
         self.iou_quality = iou_quality
 

@@ -179,6 +179,31 @@ def mask_positives(iou: Tensor, num_anchors: int, fg_iou_thresh: float = 0.7) ->
     return location, gt[location]
 
 
+class LocalMaskLogits(nn.Module):
+    """Per-class mask logits read from the finest FPN map inside each mask's frame, added to SPR's.
+
+    SPR decodes a whole mask from one location's vector, which carries the object's shape but little of its outline
+    on small objects (Mask R-CNN pools a 14 x 14 grid of features instead). This branch maps the finest FPN level
+    (B, C, H, W) to K logit maps with one 3x3 conv (ReLU) and a 1x1 conv, run densely, then RoIAligns them into
+    each frame: ``forward(feature, rois, spatial_scale, size)`` with ``rois`` (N, 5) (image index, xyxy in image
+    pixels) returns (N, K, size, size). The 1x1 conv starts at zero, so the sum starts as plain SPR. Cost: the
+    convs over H * W positions, O(H * W * C * 128 * 9), plus O(N * K * size^2) for the crops.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, hidden: int = 128):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.logits = nn.Conv2d(hidden, num_classes, 1)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+        nn.init.zeros_(self.logits.weight)
+        nn.init.zeros_(self.logits.bias)
+
+    def forward(self, feature: Tensor, rois: Tensor, spatial_scale: float, size: int) -> Tensor:
+        maps = self.logits(F.relu(self.conv(feature)))  # (B, K, H, W)
+        return roi_align(maps, rois, (size, size), spatial_scale, sampling_ratio=2, aligned=True)  # (N, K, M, M)
+
+
 def mask_targets(masks: Tensor, boxes: Tensor, size: int = MASK_SIZE, owners: Tensor | None = None) -> Tensor:
     """Instance masks cropped to boxes and resized to size x size, as soft targets in [0, 1].
 
