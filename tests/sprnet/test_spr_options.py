@@ -11,7 +11,15 @@ from torchvision.ops import box_iou
 
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import SoftplusConv2d, fcos_assign
-from effdl.sprnet.spr_head import mask_boxes, mask_targets, maskness, paired_box_iou, paste_masks, scale_boxes
+from effdl.sprnet.spr_head import (
+    LocalMaskLogits,
+    mask_boxes,
+    mask_targets,
+    maskness,
+    paired_box_iou,
+    paste_masks,
+    scale_boxes,
+)
 
 
 def _random_boxes(n: int, height: int, width: int, generator: torch.Generator, smallest: int = 4) -> torch.Tensor:
@@ -125,6 +133,42 @@ def test_iou_quality_trains_the_centerness_branch_on_each_locations_box_iou():
     expected = F.binary_cross_entropy_with_logits(outputs["bbox_ctrness"][0, foreground, 0], iou, reduction="sum")
     torch.testing.assert_close(losses[True]["bbox_ctrness"], expected / len(foreground))
     assert not torch.allclose(losses[True]["bbox_ctrness"], losses[False]["bbox_ctrness"])
+
+
+def test_local_mask_logits_sample_the_feature_map_inside_each_frame():
+    """With the convs set to pass channel 0 through, a frame's logits are that channel bilinearly sampled at the
+    centres of the frame's M x M cells, in feature pixels (pixel i's centre at i + 0.5, image pixels / stride)."""
+    local = LocalMaskLogits(4, 1, hidden=2)
+    with torch.no_grad():
+        local.conv.weight.zero_()
+        local.conv.weight[0, 0, 1, 1] = 1.0
+        local.logits.weight.zero_()
+        local.logits.weight[0, 0] = 1.0
+    columns = torch.arange(12.0) + 1.0  # a positive ramp along x, 12 x 12 map at stride 8 (96-px image)
+    feature = torch.zeros(1, 4, 12, 12)
+    feature[0, 0] = columns.expand(12, 12)
+    frame = torch.tensor([[0.0, 16.0, 24.0, 56.0, 72.0]])  # image 0, x 16..56, y 24..72
+    out = local(feature, frame, 1 / 8, 8)[0, 0]  # (8, 8)
+    centres = (16 + (torch.arange(8) + 0.5) * 5) / 8 - 0.5  # feature-pixel coordinates of the cell centres
+    torch.testing.assert_close(out, (centres + 1.0).expand(8, 8))
+
+
+def test_local_mask_features_start_as_plain_spr_and_train():
+    image, target = torch.rand(3, 64, 64), box_target([[8, 10, 40, 44], [36, 30, 60, 60]], [1, 2], (64, 64))
+    losses, models = [], []
+    for local in (False, True):
+        torch.manual_seed(0)  # the local branch is built last, so every other weight is the same
+        models.append(build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=64, max_size=64, score_thresh=0.0,
+                                     mask_score_thresh=0.0, local_mask_features=local))
+        torch.manual_seed(1)  # the same sampled mask positives
+        losses.append(models[-1].train()([image], [target]))
+    for key, value in losses[0].items():
+        torch.testing.assert_close(losses[1][key], value)
+    losses[1]["loss_mask"].backward()
+    assert models[1].local_mask.logits.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        plain, local = (m.eval()([image])[0] for m in models)
+    torch.testing.assert_close(local["masks"], plain["masks"])
 
 
 def test_mask_boxes_are_the_tight_boxes_of_a_brute_force_scan():
