@@ -151,7 +151,7 @@ def test_fcos_positives_learn_masks_in_their_predicted_boxes_when_asked():
     # Every location then predicts the square of side 5 strides centred on it (softplus(log(e^2.5 - 1)) = 2.5).
     torch.nn.init.constant_(regression.bias, math.log(math.expm1(2.5)))
     seen = []
-    model.mask_loss = lambda features, targets, positives: seen.extend(positives) or torch.zeros(())
+    model.mask_loss = lambda features, targets, positives, scale: seen.extend(positives) or torch.zeros(())
     model.train()([image], [target])
     (location, gt, frame), = seen
     features = list(model.backbone(model.transform([image])[0].tensors).values())
