@@ -96,7 +96,8 @@ LATENCY: dict[str, tuple[str, dict]] = {"maskrcnn": ("maskrcnn", {}), "retinanet
                                         "sprnet": ("sprnet", {}), "sprnet_fcos": ("sprnet_fcos", {}),
                                         "sprnet_fcos, all masks": ("sprnet_fcos", {"mask_score_thresh": 0.0}),
                                         "sprnet_fcos-p2": ("sprnet_fcos-p2", {}),
-                                        "sprnet_fcos-local": ("sprnet_fcos-local", {})}
+                                        "sprnet_fcos-local": ("sprnet_fcos-local", {}),
+                                        "sprnet_fcos-p2-local": ("sprnet_fcos-p2-local", {})}
 LABELS = {"maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet", "sprnet": "SPRNet (RetinaNet, paper)",
           "sprnet_fcos": "SPRNet-FCOS"}
 
