@@ -280,15 +280,15 @@ class SPRMixin:
         anchors = self.anchor_generator(images, features)  # [(L*A, 4)] per image
         level_counts = [h * w * self.anchor_generator.num_anchors_per_location()[0] for h, w in
                         (f.shape[-2:] for f in features)]
+        scale = features[0].shape[-1] / images.tensors.shape[-1]  # the finest level's pixels per image pixel
         if self.training:
             losses, positives = self.detection_loss(targets, head_outputs, anchors, level_counts)
-            scale = features[0].shape[-1] / images.tensors.shape[-1]  # the finest level's pixels per image pixel
             return {**losses, "loss_mask": self.mask_loss_weight * self.mask_loss(features, targets, positives, scale)}
         split_outputs = {k: list(v.split(level_counts, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(level_counts)) for a in anchors]
         detections = [scoring_at_least(d, self.mask_score_thresh)
                       for d in self.detections(split_outputs, split_anchors, images.image_sizes)]
-        masks = self.decode_masks(features, detections, features[0].shape[-1] / images.tensors.shape[-1])
+        masks = self.decode_masks(features, detections, scale)
         detections = self.transform.postprocess(detections, images.image_sizes, original_sizes)
         return [self.add_masks(d, m, size) for d, m, size in zip(detections, masks, original_sizes, strict=True)]
 
