@@ -73,6 +73,11 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-iouq": ("sprnet_fcos", {"iou_quality": True}, True),  # centerness branch learns the box IoU
     "sprnet_fcos-local": ("sprnet_fcos", {"local_mask_features": True}, True),  # + the finest level in the frame
     "sprnet_fcos-p2-local": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True}, True),
+    # the same at half or 3/8 of the FPN's width, which pays for P2's towers
+    "sprnet_fcos-p2-local-fpn128": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True,
+                                                    "fpn_channels": 128}, True),
+    "sprnet_fcos-p2-local-fpn96": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True,
+                                                   "fpn_channels": 96}, True),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
@@ -80,7 +85,8 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
 OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
                  "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
                  "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
-                 "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local")
+                 "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local", "sprnet_fcos-p2-local-fpn128",
+                 "sprnet_fcos-p2-local-fpn96")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -97,7 +103,9 @@ LATENCY: dict[str, tuple[str, dict]] = {"maskrcnn": ("maskrcnn", {}), "retinanet
                                         "sprnet_fcos, all masks": ("sprnet_fcos", {"mask_score_thresh": 0.0}),
                                         "sprnet_fcos-p2": ("sprnet_fcos-p2", {}),
                                         "sprnet_fcos-local": ("sprnet_fcos-local", {}),
-                                        "sprnet_fcos-p2-local": ("sprnet_fcos-p2-local", {})}
+                                        "sprnet_fcos-p2-local": ("sprnet_fcos-p2-local", {}),
+                                        **{run: (run, {}) for run in ("sprnet_fcos-p2-local-fpn128",
+                                                                      "sprnet_fcos-p2-local-fpn96")}}
 LABELS = {"maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet", "sprnet": "SPRNet (RetinaNet, paper)",
           "sprnet_fcos": "SPRNet-FCOS"}
 

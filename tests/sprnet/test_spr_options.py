@@ -9,6 +9,7 @@ from torchvision.models.detection import FCOS
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 from torchvision.ops import box_iou
 
+from effdl.errors import EffdlError
 from effdl.sprnet import build_detector
 from effdl.sprnet.model import SoftplusConv2d, fcos_assign
 from effdl.sprnet.spr_head import (
@@ -191,7 +192,8 @@ def test_maskness_is_the_mean_probability_above_the_threshold():
     torch.testing.assert_close(maskness(masks), expected)
 
 
-@pytest.mark.parametrize("options", [{}, {"p2_level": True}], ids=["P3-P7", "P2-P7"])
+@pytest.mark.parametrize("options", [{}, {"p2_level": True}, {"p2_level": True, "fpn_channels": 64}],
+                         ids=["P3-P7", "P2-P7", "P2-P7, 64 channels"])
 def test_fcos_assign_matches_torchvision_fcos(options):
     """torchvision's FCOS computes the same assignment inside its loss; capture it from the head's loss call."""
     torch.manual_seed(0)
@@ -327,3 +329,17 @@ def test_p2_level_gives_small_objects_stride_4_locations_and_trains_and_detects(
     with torch.no_grad():
         detection = model([torch.rand(3, 64, 64)])[0]
     assert len(detection["boxes"]) and detection["masks"].shape == (len(detection["boxes"]), 1, 64, 64)
+
+
+def test_fpn_channels_set_the_width_of_every_map_tower_and_mask_input_and_the_model_trains_and_detects():
+    model = _trained_a_little("sprnet_fcos_resnet18_fpn", p2_level=True, fpn_channels=64, local_mask_features=True)
+    with torch.no_grad():
+        features = list(model.backbone(torch.rand(1, 3, 64, 64)).values())
+        detection = model([torch.rand(3, 64, 64)])[0]
+    assert [f.shape[1] for f in features] == [64] * 6  # P2-P7
+    towers = [m for m in model.head.modules() if isinstance(m, nn.Conv2d)]
+    assert all(conv.in_channels == 64 for conv in towers)
+    assert model.mask_head.point.in_channels == model.local_mask.conv.in_channels == 64
+    assert len(detection["boxes"]) and detection["masks"].shape == (len(detection["boxes"]), 1, 64, 64)
+    with pytest.raises(EffdlError, match="fpn_channels must be a positive multiple of 32"):
+        build_detector("sprnet_fcos_resnet18_fpn", 3, fpn_channels=100)

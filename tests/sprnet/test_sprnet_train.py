@@ -127,3 +127,14 @@ def test_the_mask_head_trains_at_its_own_multiple_of_the_learning_rate(shapes, t
         _config(shapes, tmp_path, model="maskrcnn", mask_head_lr_scale=5.0)
     with pytest.raises(EffdlError, match="mask_head_lr_scale must be positive"):
         _config(shapes, tmp_path, model="sprnet_fcos_resnet18_fpn", mask_head_lr_scale=0.0)
+
+
+def test_a_checkpoint_built_with_other_options_is_refused_by_name_and_loads_with_its_own(shapes, tmp_path):
+    cfg = _config(shapes, tmp_path / "run", model="sprnet_fcos_resnet18_fpn", model_options={"fpn_channels": 64},
+                  max_time_s=0.0)
+    train_detector(cfg, progress=False)
+    with pytest.raises(EffdlError, match=r"does not fit sprnet_fcos_resnet18_fpn with model options \{\}.*size "
+                                         r"mismatch.*load_detector\(path, model_options="):
+        load_detector(tmp_path / "run", device="cpu", model_options={})
+    model, _, _ = load_detector(tmp_path / "run", device="cpu")
+    assert model.backbone.out_channels == 64

@@ -534,8 +534,9 @@ def _check_layers(returned_layers: list[int] | None) -> list[int]:
 
 def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_layers: int = 5,
                returned_layers: list[int] | None = None, extra_blocks: ExtraFPNBlock | None = None,
-               gated: bool = False) -> FPNBackbone:
-    """A ResNet-FPN backbone. ``weights_backbone``: a local torchvision ResNet state-dict file (no downloads).
+               gated: bool = False, out_channels: int = 256) -> FPNBackbone:
+    """A ResNet-FPN backbone (``out_channels`` per map). ``weights_backbone``: a local torchvision ResNet state-dict
+    file (no downloads).
 
     Pretrained backbones get frozen batch norm (torchvision's convention); from scratch, batch norm trains.
     ``trainable_layers`` (0-5) counts from ``layer4`` down, as torchvision's; the rest is frozen.
@@ -570,12 +571,12 @@ def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_
             parameter.requires_grad_(False)
     in_channels = [body.inplanes // 8 * 2 ** (k - 1) for k in layers]  # 64 * 2^(k-1) (x4 with bottlenecks)
     getter = IntermediateLayerGetter(body, {f"layer{k}": str(i) for i, k in enumerate(layers)})
-    return FPNBackbone(getter, in_channels, extra_blocks, gated)
+    return FPNBackbone(getter, in_channels, extra_blocks, gated, out_channels)
 
 
 def soft_fpn(name: str, weights_backbone: str | Path | None = None, returned_layers: list[int] | None = None,
-             extra_blocks: ExtraFPNBlock | None = None, gated: bool = False) -> FPNBackbone:
-    """A SOFT-FPN backbone: the stages of ``timm.create_model(name, features_only=True)`` under the FPN.
+             extra_blocks: ExtraFPNBlock | None = None, gated: bool = False, out_channels: int = 256) -> FPNBackbone:
+    """A SOFT-FPN backbone (``out_channels`` per map): the stages of ``timm.create_model(name, features_only=True)`` under the FPN.
 
     ``returned_layers`` numbers the stages as ResNet's layers (k = 1-4: strides 4, 8, 16, 32), so one detector
     recipe fits both. ``weights_backbone``: a local SOFT checkpoint (the reference's or ``effdl.soft``'s, any of
@@ -591,11 +592,12 @@ def soft_fpn(name: str, weights_backbone: str | Path | None = None, returned_lay
     net = timm.create_model(name, features_only=True, out_indices=[k - 1 for k in layers], **pretrained)
     if pretrained:
         net = timm.layers.freeze_batch_norm_2d(net)
-    return FPNBackbone(ListToDict(net), net.feature_info.channels(), extra_blocks, gated)
+    return FPNBackbone(ListToDict(net), net.feature_info.channels(), extra_blocks, gated, out_channels)
 
 
 def fpn_backbone(name: str, weights_backbone: str | Path | None = None, **kwargs: Any) -> FPNBackbone:
-    """``resnet_fpn`` or ``soft_fpn`` by backbone name; ``kwargs`` (returned_layers, extra_blocks, gated) go to it."""
+    """``resnet_fpn`` or ``soft_fpn`` by backbone name; ``kwargs`` (returned_layers, extra_blocks, gated,
+    out_channels) go to it."""
     if name in SOFT_BACKBONES:
         return soft_fpn(name, weights_backbone, **kwargs)
     if name in BACKBONES:
@@ -658,7 +660,7 @@ def sprnet_resnet18_fpn(num_classes: int, weights_backbone: str | Path | None = 
 
 def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
                 gated_fpn: bool = True, softplus_distances: bool = True, p2_level: bool = False,
-                **kwargs: Any) -> SPRFCOS:
+                fpn_channels: int = 256, **kwargs: Any) -> SPRFCOS:
     """SPRNet on FCOS (``SPRFCOS``): SPRNet's backbone, torchvision's FCOS head (GroupNorm towers, GIoU, centerness).
 
     One location per position whose stride-sized square (8 ... 128 px on P3-P7) sets FCOS's scale ranges, so it
@@ -668,15 +670,20 @@ def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Pa
     README). ``softplus_distances``: box distances through softplus instead of torchvision's ReLU
     (``SoftplusConv2d``; False only to measure the difference). ``p2_level``: FCOS on P2-P7 (4 ... 128 px), so
     objects under 32 px get stride-4 locations as Mask R-CNN's P2 gives them; the head then runs on about four
-    times the locations.
+    times the locations. ``fpn_channels``: the width of the FPN maps and so of the head towers and the mask head's
+    input (torchvision: 256); the towers' cost goes with its square, which is what buys ``p2_level`` at half width.
     """
+    if fpn_channels <= 0 or fpn_channels % 32:
+        raise EffdlError(f"fpn_channels must be a positive multiple of 32 (the towers' GroupNorm has 32 groups), "
+                         f"got {fpn_channels}")
     kwargs.setdefault("detections_per_img", 100)
     kwargs.setdefault("score_thresh", 0.05)
     kwargs.setdefault("mask_score_thresh", 0.3)
     _check_padding(backbone_name, kwargs)
     first = 1 if p2_level else 2  # the first ResNet stage with an FPN level: C2 (stride 4) or C3 (stride 8)
     backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=list(range(first, 5)),
-                            extra_blocks=LastLevelP6P7(256, 256), gated=gated_fpn)
+                            extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels), gated=gated_fpn,
+                            out_channels=fpn_channels)
     levels = 7 - first  # up to P7
     anchors = AnchorGenerator(tuple((2 ** (first + 1 + level),) for level in range(levels)), ((1.0,),) * levels)
     head = FCOSHead(backbone.out_channels, 1, num_classes)
@@ -729,7 +736,7 @@ def detector_options(name: str) -> list[str]:
     ...): its class's and its torchvision base classes' named arguments."""
     family = next(f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f"{f}_"))
     names = {"weights_backbone", *(("gated_fpn",) if family.startswith("sprnet") else ()),
-             *(("softplus_distances", "p2_level") if family == "sprnet_fcos" else ()),
+             *(("softplus_distances", "p2_level", "fpn_channels") if family == "sprnet_fcos" else ()),
              *(() if family in ANCHOR_FREE else ("smallest_anchor",))}
     for cls in FAMILY_CLASSES[family].__mro__:
         if "__init__" in vars(cls) and cls.__module__.startswith(("effdl", "torchvision")):

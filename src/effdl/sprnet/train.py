@@ -134,7 +134,7 @@ def train_detector(cfg: DetectionTrainConfig, resume: str | Path | None = None,
     _check_categories(val_data, train_data.category_names, "the training split has")
     model = create_detector(cfg, train_data.num_classes).to(device)
     if resume is not None:
-        model.load_state_dict(read_weights(latest_checkpoint(resume), device))
+        load_weights(model, latest_checkpoint(resume), cfg, device)
     mask_head = {id(p) for p in model.mask_head.parameters()} if hasattr(model, "mask_head") else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     params = [{"params": [p for p in trainable if id(p) not in mask_head]},
@@ -181,13 +181,24 @@ def saved_detection_config(path: str | Path) -> dict[str, Any]:
     return saved_config(path, TRAINER)
 
 
+def load_weights(model: nn.Module, folder: Path, cfg: DetectionTrainConfig, device: str | torch.device = "cpu") -> None:
+    """Load checkpoint ``folder``'s weights into ``model`` (built from ``cfg``), or say which options to build it with."""
+    try:
+        model.load_state_dict(read_weights(folder, device))
+    except RuntimeError as e:  # missing, unexpected or reshaped weights
+        detail = (str(e).split("\n\t")[1:2] or [str(e)])[0][:200]
+        raise EffdlError(f"{folder} does not fit {cfg.model} with model options {cfg.model_options} as this version "
+                         f"builds it ({detail}). A checkpoint trained under other defaults loads with the options it "
+                         f"was trained with: load_detector(path, model_options={{...}})") from None
+
+
 def load_detector(path: str | Path, device: str = "auto", **overrides: Any) -> tuple[nn.Module,
                                                                                      DetectionTrainConfig, list[str]]:
     """(model in eval mode, its training config with ``overrides``, category names) from a checkpoint or run folder."""
     state = read_trainer_state(path, TRAINER)
     cfg = DetectionTrainConfig(**{**state["config"], **overrides})
     model = create_detector(cfg, len(state["category_names"]) + 1)
-    model.load_state_dict(read_weights(state["folder"]))
+    load_weights(model, state["folder"], cfg)
     return model.to(resolve_device(device)).eval(), cfg, state["category_names"]
 
 
