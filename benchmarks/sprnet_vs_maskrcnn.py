@@ -54,39 +54,40 @@ from effdl.sprnet.train import (
 
 # run name -> (model family, options, pretrained backbone?); an option that names a ``DetectionTrainConfig`` field
 # sets it (mask_head_lr_scale), the others are model options
+# SPR-FCOS as it was built before P2, local mask logits and the half-width FPN became its defaults: the base of the
+# earlier ablations, which keep their names and results
+PLAIN = {"p2_level": False, "local_mask_features": False, "fpn_channels": 256}
 RUNS: dict[str, tuple[str, dict, bool]] = {
     "maskrcnn": ("maskrcnn", {}, True),
     "retinanet": ("retinanet", {}, True),
     "sprnet": ("sprnet", {}, True),  # the paper's SPRNet: SPR on RetinaNet
-    "sprnet_fcos": ("sprnet_fcos", {}, True),
-    "sprnet_fcos-agnostic": ("sprnet_fcos", {"class_agnostic_masks": True}, True),
-    "sprnet_fcos-mask64": ("sprnet_fcos", {"mask_size": 64}, True),
-    "sprnet_fcos-dilations123": ("sprnet_fcos", {"mask_dilations": [1, 2, 3]}, True),
-    "sprnet_fcos-relu": ("sprnet_fcos", {"softplus_distances": False}, True),  # torchvision's ReLU distances
-    "sprnet_fcos-masklr10": ("sprnet_fcos", {"mask_head_lr_scale": 10.0}, True),
-    "sprnet_fcos-predframes": ("sprnet_fcos", {"mask_in_predicted_boxes": True}, True),  # masks in predicted boxes
-    "sprnet_fcos-maskw4": ("sprnet_fcos", {"mask_loss_weight": 4.0}, True),  # more of the features' gradient
-    "sprnet_fcos-p2": ("sprnet_fcos", {"p2_level": True}, True),  # FCOS on P2-P7: stride-4 locations
+    "sprnet_fcos": ("sprnet_fcos", {}, True),  # the defaults: P2-P7, local mask logits, 128-channel FPN
+    "sprnet_fcos-plain": ("sprnet_fcos", PLAIN, True),  # P3-P7, SPR's logits only, 256 channels
+    "sprnet_fcos-agnostic": ("sprnet_fcos", {**PLAIN, "class_agnostic_masks": True}, True),
+    "sprnet_fcos-mask64": ("sprnet_fcos", {**PLAIN, "mask_size": 64}, True),
+    "sprnet_fcos-dilations123": ("sprnet_fcos", {**PLAIN, "mask_dilations": [1, 2, 3]}, True),
+    "sprnet_fcos-relu": ("sprnet_fcos", {**PLAIN, "softplus_distances": False}, True),  # torchvision's ReLU distances
+    "sprnet_fcos-masklr10": ("sprnet_fcos", {**PLAIN, "mask_head_lr_scale": 10.0}, True),
+    # masks learnt in each positive's predicted box
+    "sprnet_fcos-predframes": ("sprnet_fcos", {**PLAIN, "mask_in_predicted_boxes": True}, True),
+    "sprnet_fcos-maskw4": ("sprnet_fcos", {**PLAIN, "mask_loss_weight": 4.0}, True),  # more of the features' gradient
+    "sprnet_fcos-p2": ("sprnet_fcos", {**PLAIN, "p2_level": True}, True),  # FCOS on P2-P7: stride-4 locations
     # masks learnt in each positive's predicted box scaled 1.5x, and pasted in the predicted box scaled the same
-    "sprnet_fcos-predframes-frame1.5": ("sprnet_fcos", {"mask_in_predicted_boxes": True, "mask_frame_scale": 1.5},
-                                        True),
-    "sprnet_fcos-iouq": ("sprnet_fcos", {"iou_quality": True}, True),  # centerness branch learns the box IoU
-    "sprnet_fcos-local": ("sprnet_fcos", {"local_mask_features": True}, True),  # + the finest level in the frame
-    "sprnet_fcos-p2-local": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True}, True),
-    # the same at half or 3/8 of the FPN's width, which pays for P2's towers
-    "sprnet_fcos-p2-local-fpn128": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True,
-                                                    "fpn_channels": 128}, True),
-    "sprnet_fcos-p2-local-fpn96": ("sprnet_fcos", {"p2_level": True, "local_mask_features": True,
-                                                   "fpn_channels": 96}, True),
+    "sprnet_fcos-predframes-frame1.5": ("sprnet_fcos", {**PLAIN, "mask_in_predicted_boxes": True,
+                                                        "mask_frame_scale": 1.5}, True),
+    "sprnet_fcos-iouq": ("sprnet_fcos", {**PLAIN, "iou_quality": True}, True),  # centerness learns the box IoU
+    # + the finest level's logits in the frame
+    "sprnet_fcos-local": ("sprnet_fcos", {**PLAIN, "local_mask_features": True}, True),
+    "sprnet_fcos-p2-local": ("sprnet_fcos", {"fpn_channels": 256}, True),  # the defaults at full width
+    "sprnet_fcos-p2-local-fpn96": ("sprnet_fcos", {"fpn_channels": 96}, True),  # ... and at 3/8 width
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
 # training ablations outside the default set
-OPTIONAL_RUNS = ("sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123", "sprnet_fcos-relu",
-                 "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
+OPTIONAL_RUNS = ("sprnet_fcos-plain", "sprnet_fcos-agnostic", "sprnet_fcos-mask64", "sprnet_fcos-dilations123",
+                 "sprnet_fcos-relu", "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
                  "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
-                 "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local", "sprnet_fcos-p2-local-fpn128",
-                 "sprnet_fcos-p2-local-fpn96")
+                 "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local", "sprnet_fcos-p2-local-fpn96")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -101,10 +102,8 @@ ABLATED = ("sprnet", "sprnet_fcos")  # the runs every inference option is evalua
 LATENCY: dict[str, tuple[str, dict]] = {"maskrcnn": ("maskrcnn", {}), "retinanet": ("retinanet", {}),
                                         "sprnet": ("sprnet", {}), "sprnet_fcos": ("sprnet_fcos", {}),
                                         "sprnet_fcos, all masks": ("sprnet_fcos", {"mask_score_thresh": 0.0}),
-                                        "sprnet_fcos-p2": ("sprnet_fcos-p2", {}),
-                                        "sprnet_fcos-local": ("sprnet_fcos-local", {}),
-                                        "sprnet_fcos-p2-local": ("sprnet_fcos-p2-local", {}),
-                                        **{run: (run, {}) for run in ("sprnet_fcos-p2-local-fpn128",
+                                        **{run: (run, {}) for run in ("sprnet_fcos-plain", "sprnet_fcos-p2",
+                                                                      "sprnet_fcos-local", "sprnet_fcos-p2-local",
                                                                       "sprnet_fcos-p2-local-fpn96")}}
 LABELS = {"maskrcnn": "Mask R-CNN", "retinanet": "RetinaNet", "sprnet": "SPRNet (RetinaNet, paper)",
           "sprnet_fcos": "SPRNet-FCOS"}

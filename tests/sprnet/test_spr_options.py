@@ -84,10 +84,16 @@ def test_a_mask_learnt_in_a_scaled_frame_pastes_back_onto_its_object(factor):
         assert (iou > 0.9) == (box is tight or factor >= 1.5), (factor, iou)
 
 
+def _recording_mask_logits(model: nn.Module) -> list[torch.Tensor]:
+    """Every (N, K, M, M) mask-logit tensor ``model`` decodes from now on (SPR's plus any local logits)."""
+    recorded, mask_logits = [], model.mask_logits
+    model.mask_logits = lambda *args: recorded.append(mask_logits(*args)) or recorded[-1]
+    return recorded
+
+
 def test_mask_frame_scale_pastes_each_mask_in_its_scaled_box():
     model = _trained_a_little("sprnet_fcos_resnet18_fpn")
-    logits = []
-    model.mask_head.register_forward_hook(lambda module, args, out: logits.append(out))
+    logits = _recording_mask_logits(model)
     image = torch.rand(3, 64, 64)
     with torch.no_grad():
         model.mask_frame_scale = 1.5
@@ -192,8 +198,8 @@ def test_maskness_is_the_mean_probability_above_the_threshold():
     torch.testing.assert_close(maskness(masks), expected)
 
 
-@pytest.mark.parametrize("options", [{}, {"p2_level": True}, {"p2_level": True, "fpn_channels": 64}],
-                         ids=["P3-P7", "P2-P7", "P2-P7, 64 channels"])
+@pytest.mark.parametrize("options", [{"p2_level": False, "fpn_channels": 256}, {}, {"fpn_channels": 64}],
+                         ids=["P3-P7, 256 channels", "defaults: P2-P7, 128 channels", "P2-P7, 64 channels"])
 def test_fcos_assign_matches_torchvision_fcos(options):
     """torchvision's FCOS computes the same assignment inside its loss; capture it from the head's loss call."""
     torch.manual_seed(0)
@@ -250,8 +256,7 @@ def test_mask_score_thresh_decodes_only_the_detections_above_it(name):
 
 def test_mask_scoring_and_box_refinement_rescore_and_tighten_from_the_masks():
     model = _trained_a_little("sprnet_fcos_resnet18_fpn")
-    logits = []
-    model.mask_head.register_forward_hook(lambda module, args, out: logits.append(out))
+    logits = _recording_mask_logits(model)
     image = torch.rand(3, 64, 64)
     with torch.no_grad():
         plain = model([image])[0]

@@ -576,7 +576,8 @@ def resnet_fpn(name: str, weights_backbone: str | Path | None = None, trainable_
 
 def soft_fpn(name: str, weights_backbone: str | Path | None = None, returned_layers: list[int] | None = None,
              extra_blocks: ExtraFPNBlock | None = None, gated: bool = False, out_channels: int = 256) -> FPNBackbone:
-    """A SOFT-FPN backbone (``out_channels`` per map): the stages of ``timm.create_model(name, features_only=True)`` under the FPN.
+    """A SOFT-FPN backbone: the stages of ``timm.create_model(name, features_only=True)`` under an FPN of
+    ``out_channels`` per map.
 
     ``returned_layers`` numbers the stages as ResNet's layers (k = 1-4: strides 4, 8, 16, 32), so one detector
     recipe fits both. ``weights_backbone``: a local SOFT checkpoint (the reference's or ``effdl.soft``'s, any of
@@ -659,19 +660,20 @@ def sprnet_resnet18_fpn(num_classes: int, weights_backbone: str | Path | None = 
 
 
 def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
-                gated_fpn: bool = True, softplus_distances: bool = True, p2_level: bool = False,
-                fpn_channels: int = 256, **kwargs: Any) -> SPRFCOS:
+                gated_fpn: bool = True, softplus_distances: bool = True, p2_level: bool = True,
+                fpn_channels: int = 128, **kwargs: Any) -> SPRFCOS:
     """SPRNet on FCOS (``SPRFCOS``): SPRNet's backbone, torchvision's FCOS head (GroupNorm towers, GIoU, centerness).
 
-    One location per position whose stride-sized square (8 ... 128 px on P3-P7) sets FCOS's scale ranges, so it
+    One location per position whose stride-sized square (4 ... 128 px on P2-P7) sets FCOS's scale ranges, so it
     takes no ``smallest_anchor``. ``kwargs`` go to ``SPRFCOS``/``FCOS``; the score threshold defaults to 0.05 like
-    the RetinaNet family's (torchvision's FCOS: 0.2), and masks are decoded for detections scoring 0.3 or more
+    the RetinaNet family's (torchvision's FCOS: 0.2), masks are decoded for detections scoring 0.3 or more
     (``mask_score_thresh``; on the plateau benchmark this cost 0.1 mask AP and halved latency at 128 px, see the
-    README). ``softplus_distances``: box distances through softplus instead of torchvision's ReLU
-    (``SoftplusConv2d``; False only to measure the difference). ``p2_level``: FCOS on P2-P7 (4 ... 128 px), so
-    objects under 32 px get stride-4 locations as Mask R-CNN's P2 gives them; the head then runs on about four
-    times the locations. ``fpn_channels``: the width of the FPN maps and so of the head towers and the mask head's
-    input (torchvision: 256); the towers' cost goes with its square, which is what buys ``p2_level`` at half width.
+    README), and ``local_mask_features`` is on. ``softplus_distances``: box distances through softplus instead of
+    torchvision's ReLU (``SoftplusConv2d``; False only to measure the difference). ``p2_level``: FCOS on P2-P7, so
+    objects under 32 px get stride-4 locations as Mask R-CNN's P2 gives them (False: P3-P7, torchvision's FCOS);
+    the head then runs on about four times the locations. ``fpn_channels``: the width of the FPN maps and so of
+    the head towers and the mask head's input (torchvision: 256). The towers' cost goes with its square, so the
+    default half width pays for P2: at 128 channels on P2-P7 the model costs about RetinaNet's FLOPs on P3-P7 at 256.
     """
     if fpn_channels <= 0 or fpn_channels % 32:
         raise EffdlError(f"fpn_channels must be a positive multiple of 32 (the towers' GroupNorm has 32 groups), "
@@ -679,6 +681,7 @@ def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Pa
     kwargs.setdefault("detections_per_img", 100)
     kwargs.setdefault("score_thresh", 0.05)
     kwargs.setdefault("mask_score_thresh", 0.3)
+    kwargs.setdefault("local_mask_features", True)
     _check_padding(backbone_name, kwargs)
     first = 1 if p2_level else 2  # the first ResNet stage with an FPN level: C2 (stride 4) or C3 (stride 8)
     backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=list(range(first, 5)),

@@ -182,7 +182,7 @@ def saved_detection_config(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(model: nn.Module, folder: Path, cfg: DetectionTrainConfig, device: str | torch.device = "cpu") -> None:
-    """Load checkpoint ``folder``'s weights into ``model`` (built from ``cfg``), or say which options to build it with."""
+    """Load checkpoint ``folder``'s weights into ``model`` (built from ``cfg``), or say which options would fit."""
     try:
         model.load_state_dict(read_weights(folder, device))
     except RuntimeError as e:  # missing, unexpected or reshaped weights
