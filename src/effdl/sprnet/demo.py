@@ -49,9 +49,11 @@ def sprnet_stage(out_dir: Path, quick: bool) -> StageReport:
             ("images seen", f"{result.step * cfg.batch_size:,} at {result.items_per_s:,.1f} img/s"),
             *((f"{iou} AP / AP50 ({len(val)} val images)", f"{ap_all} / {ap50}") for iou, ap_all, ap50, *_ in ap)]
     markdown = (markdown_table(["IoU", *METRIC_NAMES], ap) + f"\n![SPRNet overlay]({overlay.name})\n\n"
-                "Masks come from one feature vector per detection (its FCOS location), decoded only for the "
-                "kept detections. A minute of CPU training gives low AP; `benchmarks/sprnet_vs_maskrcnn.py` "
-                "trains to Mask R-CNN's plateau and compares with Mask R-CNN and RetinaNet.\n")
+                "Masks come from one feature vector per detection (its FCOS location) plus the finest FPN "
+                "level's logits inside its box, decoded only for the kept detections. A minute of CPU training "
+                "gives a weak model: loose, duplicate boxes and blob-like masks, as in the overlay. "
+                "`benchmarks/sprnet_vs_maskrcnn.py` trains for 10 epochs and compares with Mask R-CNN and "
+                "RetinaNet.\n")
     headline = ", ".join(f"{iou} AP {ap_all}" for iou, ap_all, *_ in ap) + \
         f" after {result.step * cfg.batch_size:,} images"
     return StageReport("SPRNet: single pixel reconstruction instance segmentation", headline, rows, markdown,
