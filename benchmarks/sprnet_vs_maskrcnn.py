@@ -2,7 +2,7 @@
 
     python benchmarks/sprnet_vs_maskrcnn.py [--runs maskrcnn retinanet sprnet_fcos ...] [--epochs 10]
                                             [--image-size 96] [--train-images 400] [--latency-sizes 128 512]
-    python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNGs from results/sprnet_vs_maskrcnn.json
+    python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw both PNGs from their results JSON
     python benchmarks/sprnet_vs_maskrcnn.py --ablation-report --runs sprnet_fcos sprnet_fcos-p2 ... [retinanet]
         # SPR-FCOS training ablations against its defaults trained on the same machine: sprnet_fcos_ablation*
 
@@ -268,6 +268,19 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
                 xlabel="epoch", ylabel="COCO AP on validation (%)")
 
 
+def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
+    """sprnet_fcos_ablation.png: validation mask AP and box AP per epoch of every run in the ablation report."""
+    results = load_results(path)
+    panels = {"mask AP": {}, "box AP": {}}
+    for run, history in results["history"].items():
+        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
+            panels[panel][run] = ([h["epoch"] for h in history], [100 * h["metrics"][kind]["AP"] for h in history])
+    args = results["args"]
+    line_panels(RESULTS / "sprnet_fcos_ablation.png", panels, title=f"SPR-FCOS ablations, {args['image_size']} px "
+                f"shapes, {args['backbone']}-FPN, the same recipe and epochs", xlabel="epoch",
+                ylabel="COCO AP on validation (%)")
+
+
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
                     args: argparse.Namespace) -> None:
     """sprnet_fcos_ablation.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
@@ -287,14 +300,7 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
            f"{args.epochs:g} epochs, one machine", columns, rows,
            extra={"args": vars(args), "metrics": metrics, "mask_quality": quality,
                   "history": {run: histories[run] for run in spr_runs}})
-    panels = {"mask AP": {}, "box AP": {}}
-    for run in spr_runs:
-        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
-            panels[panel][run] = ([h["epoch"] for h in histories[run]],
-                                  [100 * h["metrics"][kind]["AP"] for h in histories[run]])
-    line_panels(RESULTS / "sprnet_fcos_ablation.png", panels, title=f"SPR-FCOS ablations, {args.image_size} px "
-                f"shapes, {args.backbone}-FPN, the same recipe and epochs", xlabel="epoch",
-                ylabel="COCO AP on validation (%)")
+    plot_ablation()
     seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
     references = [ref for ref in (base, "retinanet") if ref in seconds[args.latency_sizes[0]]]
     report("sprnet_fcos_ablation_latency", f"median latency per image, batch 1 on {args.device} (ms)",
@@ -360,6 +366,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.plot_only:
         plot()
+        plot_ablation()
         return
 
     if args.ablation_report and ("sprnet_fcos" not in args.runs

@@ -125,20 +125,28 @@ def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequenc
 def line_panels(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
                 title: str, xlabel: str, ylabel: str) -> Path:
     """One PNG of side-by-side line plots (a titled panel per entry of ``panels``), sharing the y axis; a series
-    name keeps its colour in every panel."""
+    name keeps its colour in every panel. Past four series one legend sits right of the panels, so it hides no
+    line."""
     names = list(dict.fromkeys(name for series in panels.values() for name in series))
     colours = {name: f"C{i}" for i, name in enumerate(names)}
-    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), dpi=110, sharey=True,
-                                   squeeze=False)
+    outside = len(names) > 4
+    fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels) + 3 * outside, 4.2), dpi=110,
+                                   sharey=True, squeeze=False)
     for ax, (panel, series) in zip(axes[0], panels.items(), strict=True):
         for name, (xs, ys) in series.items():
             ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, label=name, color=colours[name])
         ax.set(title=panel, xlabel=xlabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if not outside:
+            ax.legend()
     axes[0][0].set_ylabel(ylabel)
     fig.suptitle(title)
-    return _save(fig, path)
+    if outside:
+        handles = {label: line for ax in axes[0] for line, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+        legend = fig.legend(handles.values(), handles.keys(), loc="center right")
+        fig.canvas.draw()  # the legend's size is known once drawn
+        fig.tight_layout(rect=(0, 0, 1 - legend.get_window_extent().width / fig.bbox.width, 1))
+    return _save(fig, path, tight=not outside)
 
 
 def _fmt(value: Any) -> str:
