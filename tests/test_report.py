@@ -42,3 +42,21 @@ def test_boxed_images_draws_a_png_of_the_panels(tmp_path):
                        [f"square {i}" for i in range(6)], ["tab:blue"] * 6, [np.ones((256, 256), bool)] * 6)
     path = boxed_images(tmp_path / "overlay.png", [panel, panel], title="stacked captions")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_line_panels_with_many_series_put_one_legend_beside_the_panels(tmp_path, monkeypatch):
+    import effdl.report as report
+
+    saved = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, tight=True: saved.append(fig) or save(fig, path, tight))
+    series = {f"run {i}": ([1, 2, 3], [i, i + 1, i + 2]) for i in range(8)}
+    path = report.line_panels(tmp_path / "curves.png", {"mask AP": series, "box AP": series}, title="t", xlabel="x",
+                              ylabel="y")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (fig,) = saved
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == list(series)
+    box = legend.get_window_extent()
+    for ax in fig.axes:
+        assert ax.get_legend() is None and not box.overlaps(ax.get_window_extent())
