@@ -731,20 +731,23 @@ DETECTORS: dict[str, Callable[..., nn.Module]] = {
 
 FAMILY_CLASSES: dict[str, type[nn.Module]] = {"sprnet": SPRNet, "sprnet_fcos": SPRFCOS,
                                               "retinanet": ForegroundRetinaNet, "maskrcnn": MaskRCNN}
-_BUILT_FROM_NAME = {"self", "backbone", "num_classes", "anchor_generator", "head", "rpn_anchor_generator"}
+_BUILT_FROM_NAME = {"self", "backbone_name", "backbone", "num_classes", "anchor_generator", "head",
+                    "rpn_anchor_generator"}
+
+
+def _named_parameters(function: Callable[..., Any]) -> set[str]:
+    return {p.name for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def detector_options(name: str) -> list[str]:
     """The keyword options a ``DETECTORS`` model accepts beyond its name and class count (mask_size, score_thresh,
-    ...): its class's and its torchvision base classes' named arguments."""
+    ...): its family builder's, its class's and its torchvision base classes' named arguments."""
     family = next(f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f"{f}_"))
-    names = {"weights_backbone", *(("gated_fpn",) if family.startswith("sprnet") else ()),
-             *(("softplus_distances", "p2_level", "fpn_channels") if family == "sprnet_fcos" else ()),
-             *(() if family in ANCHOR_FREE else ("smallest_anchor",))}
+    names = _named_parameters(FAMILIES[family])
     for cls in FAMILY_CLASSES[family].__mro__:
         if "__init__" in vars(cls) and cls.__module__.startswith(("effdl", "torchvision")):
-            names |= {p.name for p in inspect.signature(cls.__init__).parameters.values()
-                      if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            names |= _named_parameters(cls.__init__)
     return sorted(names - _BUILT_FROM_NAME)
 
 
