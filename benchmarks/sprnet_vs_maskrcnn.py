@@ -254,19 +254,24 @@ def _cells(metrics: dict[str, dict[str, float]], kind: str) -> list[str]:
     return ["-" if math.isnan(values[m]) or values[m] < 0 else f"{100 * values[m]:.1f}" for m in METRIC_NAMES]
 
 
+def _ap_panels(histories: dict[str, list[dict]], labels: dict[str, str]) -> dict[str, dict]:
+    """line_panels' input: validation mask AP and box AP per epoch of each run in ``labels``, under its label."""
+    panels = {"mask AP": {}, "box AP": {}}
+    for run, label in labels.items():
+        history = histories[run]
+        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
+            if kind in history[-1]["metrics"]:
+                panels[panel][label] = ([h["epoch"] for h in history],
+                                        [100 * h["metrics"][kind]["AP"] for h in history])
+    return panels
+
+
 def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
     """sprnet_vs_maskrcnn.png: validation mask AP and box AP per epoch for the main runs, one panel each."""
     results = load_results(path)
-    panels = {"mask AP": {}, "box AP": {}}
-    for run, history in results["history"].items():
-        if run not in LABELS:
-            continue
-        epochs = [h["epoch"] for h in history]
-        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
-            if kind in history[-1]["metrics"]:
-                panels[panel][LABELS[run]] = (epochs, [100 * h["metrics"][kind]["AP"] for h in history])
+    labels = {run: label for run, label in LABELS.items() if run in results["history"]}
     args = results["args"]
-    line_panels(RESULTS / "sprnet_vs_maskrcnn.png", panels,
+    line_panels(RESULTS / "sprnet_vs_maskrcnn.png", _ap_panels(results["history"], labels),
                 title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, the same recipe and epochs",
                 xlabel="epoch", ylabel="COCO AP on validation (%)")
 
@@ -274,14 +279,11 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
 def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
     """sprnet_fcos_ablation.png: validation mask AP and box AP per epoch of every run in the ablation report."""
     results = load_results(path)
-    panels = {"mask AP": {}, "box AP": {}}
-    for run, history in results["history"].items():
-        for panel, kind in (("mask AP", "segm"), ("box AP", "bbox")):
-            panels[panel][run] = ([h["epoch"] for h in history], [100 * h["metrics"][kind]["AP"] for h in history])
     args = results["args"]
-    line_panels(RESULTS / "sprnet_fcos_ablation.png", panels, title=f"SPR-FCOS ablations, {args['image_size']} px "
-                f"shapes, {args['backbone']}-FPN, the same recipe and epochs", xlabel="epoch",
-                ylabel="COCO AP on validation (%)")
+    line_panels(RESULTS / "sprnet_fcos_ablation.png",
+                _ap_panels(results["history"], {run: run for run in results["history"]}),
+                title=f"SPR-FCOS ablations, {args['image_size']} px shapes, {args['backbone']}-FPN, the same recipe "
+                f"and epochs", xlabel="epoch", ylabel="COCO AP on validation (%)")
 
 
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
