@@ -430,26 +430,25 @@ class SPRFCOS(SPRMixin, FCOS):
                        level_counts: list[int]) -> tuple[dict[str, Tensor], list[Positives]]:
         matched = [fcos_assign(t["boxes"], a, level_counts, self.center_sampling_radius)
                    for t, a in zip(targets, anchors, strict=True)]
-        positives = []
+        decode = self.mask_in_predicted_boxes or self.iou_quality
+        positives, predicted = [], []
         for i, (t, a, m) in enumerate(zip(targets, anchors, matched, strict=True)):
             location = (m >= 0).nonzero().flatten()
             gt = m[location]
-            frame = t["boxes"][gt]
-            if self.mask_in_predicted_boxes:
-                predicted = self.box_coder.decode(head_outputs["bbox_regression"][i, location].detach(), a[location])
-                frame = mask_frames(predicted, frame)
-            positives.append((location, gt, frame))
+            truth = t["boxes"][gt]
+            # (F_i, 4) each positive's predicted box: a target for the mask frame and the quality, never a path
+            # for their gradients into the box branch
+            boxes = self.box_coder.decode(head_outputs["bbox_regression"][i, location].detach(),
+                                          a[location]) if decode else truth
+            predicted.append(boxes)
+            positives.append((location, gt, mask_frames(boxes, truth) if self.mask_in_predicted_boxes else truth))
         losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
         if self.iou_quality:  # the same normaliser as torchvision's centerness loss: foreground locations
-            location, predicted, truth = [], [], []
-            for i, (t, a, m) in enumerate(zip(targets, anchors, matched, strict=True)):
-                foreground = (m >= 0).nonzero().flatten()
-                location.append(i * len(a) + foreground)
-                predicted.append(self.box_coder.decode(head_outputs["bbox_regression"][i, foreground], a[foreground]))
-                truth.append(t["boxes"][m[foreground]])
-            quality = head_outputs["bbox_ctrness"].flatten()[torch.cat(location)]  # (F,)
-            losses["bbox_ctrness"] = iou_quality_loss(quality, torch.cat(predicted), torch.cat(truth)) / max(
-                1, len(quality))
+            flat = torch.cat([i * len(a) + location for i, (a, (location, _, _)) in enumerate(zip(anchors, positives,
+                                                                                                    strict=True))])
+            quality = head_outputs["bbox_ctrness"].flatten()[flat]  # (F,)
+            truth = torch.cat([t["boxes"][gt] for t, (_, gt, _) in zip(targets, positives, strict=True)])
+            losses["bbox_ctrness"] = iou_quality_loss(quality, torch.cat(predicted), truth) / max(1, len(quality))
         return losses, positives
 
     def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
