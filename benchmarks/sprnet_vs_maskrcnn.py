@@ -267,12 +267,14 @@ def _ap_panels(histories: dict[str, list[dict]], labels: dict[str, str]) -> dict
 
 
 def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
-    """sprnet_vs_maskrcnn.png: validation mask AP and box AP per epoch for the main runs, one panel each."""
+    """The results' PNG beside them (sprnet_vs_maskrcnn.png): validation mask AP and box AP per epoch for the main
+    runs, one panel each."""
     results = load_results(path)
     labels = {run: label for run, label in LABELS.items() if run in results["history"]}
     args = results["args"]
-    line_panels(RESULTS / "sprnet_vs_maskrcnn.png", _ap_panels(results["history"], labels),
-                title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, the same recipe and epochs",
+    line_panels(path.with_suffix(".png"), _ap_panels(results["history"], labels),
+                title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, {args['epochs']:g} epochs "
+                f"each, the same recipe",
                 xlabel="epoch", ylabel="COCO AP on validation (%)")
 
 
@@ -382,7 +384,7 @@ def main() -> None:
                                  or any(RUNS[run][0] != "sprnet_fcos" for run in args.runs if run != "retinanet")):
         parser.error("--ablation-report takes SPR-FCOS runs, sprnet_fcos (the defaults) among them, and optionally "
                      "retinanet (the latency reference)")
-    missing = [run for run in ("maskrcnn", "retinanet", *ABLATED) if run not in args.runs]
+    missing = [run for run in ("maskrcnn", "retinanet", "sprnet_fcos") if run not in args.runs]
     if missing and not (args.train_only or args.ablation_report):
         parser.error(f"the report needs the runs {', '.join(missing)} (or train a subset with --train-only)")
     checkpoints, histories = {}, {}

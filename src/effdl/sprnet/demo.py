@@ -52,7 +52,7 @@ def sprnet_stage(out_dir: Path, quick: bool) -> StageReport:
                 "Masks come from one feature vector per detection (its FCOS location) plus the finest FPN "
                 "level's logits inside its box, decoded only for the kept detections. A minute of CPU training "
                 "gives a weak model: loose, duplicate boxes and blob-like masks, as in the overlay. "
-                "`benchmarks/sprnet_vs_maskrcnn.py` trains for 10 epochs and compares with Mask R-CNN and "
+                "`benchmarks/sprnet_vs_maskrcnn.py` trains for 20 epochs and compares with Mask R-CNN and "
                 "RetinaNet.\n")
     headline = ", ".join(f"{iou} AP {ap_all}" for iou, ap_all, *_ in ap) + \
         f" after {result.step * cfg.batch_size:,} images"
