@@ -32,6 +32,14 @@ def _die(rank: int):
     os._exit(7 if rank == 0 else 0)
 
 
+def _die_while_peer_waits(rank: int):
+    import os
+
+    if rank == 0:
+        os._exit(7)
+    dist.all_reduce(torch.ones(1))  # fails at once: its peer's connection is gone
+
+
 def test_two_rank_all_to_all_matches_reference():
     n = 3
     results = spawn(_all_to_all, 2, n)
@@ -53,3 +61,9 @@ def test_timeout_and_dead_rank_are_reported():
         spawn(_sleep_forever, 2, timeout_s=3)
     with pytest.raises(RankFailure, match="rank 0 died with exit code 7"):
         spawn(_die, 2, timeout_s=60)
+
+
+def test_a_dead_rank_is_reported_not_its_peers_broken_connection():
+    for _ in range(3):  # the peer's report can beat the exit code to the parent
+        with pytest.raises(RankFailure, match="rank 0 died with exit code 7"):
+            spawn(_die_while_peer_waits, 2, timeout_s=60)

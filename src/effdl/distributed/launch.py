@@ -19,6 +19,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from multiprocessing import connection as mp_connection
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import torch
@@ -138,6 +140,12 @@ def _picklable_or_none(exc: BaseException) -> BaseException | None:
     return exc
 
 
+def _raise_if_a_rank_died(procs: list[BaseProcess], finished: dict[int, Any]) -> None:
+    dead = [r for r, p in enumerate(procs) if r not in finished and p.exitcode not in (None, 0)]
+    if dead:
+        raise RankFailure(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
           timeout_s: float = 120) -> list[Any]:
     """Run ``fn(rank, *args)`` in ``world_size`` fresh processes joined in one process group.
@@ -167,14 +175,16 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
             try:
                 rank, ok, value = results.get(timeout=0.2)
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in values and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RankFailure(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
+                _raise_if_a_rank_died(procs, values)
                 if time.monotonic() > deadline:
                     pending = sorted(set(range(world_size)) - values.keys())
                     raise RankFailure(f"ranks {pending} did not finish within {timeout_s:.0f}s") from None
                 continue
             if not ok:
+                # a rank that dies breaks its peers' connections: report the death, not a peer's reset
+                others = [p.sentinel for r, p in enumerate(procs) if r not in values and r != rank]
+                mp_connection.wait(others, timeout=1.0)
+                _raise_if_a_rank_died(procs, values)
                 exc, remote_traceback = value
                 failure = RankFailure(f"rank {rank} raised:\n{remote_traceback}")
                 if exc is None:
