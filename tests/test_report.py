@@ -3,6 +3,7 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from effdl.report import BoxedImage, boxed_images, caption_extent, caption_tops
 
@@ -44,15 +45,16 @@ def test_boxed_images_draws_a_png_of_the_panels(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_line_panels_with_many_series_put_one_legend_beside_the_panels(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("n_panels", "n_series"), [(2, 8), (2, 3), (1, 8)])
+def test_line_panels_put_one_legend_beside_several_panels_or_many_series(tmp_path, monkeypatch, n_panels, n_series):
     import effdl.report as report
 
     saved = []
     save = report._save
     monkeypatch.setattr(report, "_save", lambda fig, path, tight=True: saved.append(fig) or save(fig, path, tight))
-    series = {f"run {i}": ([1, 2, 3], [i, i + 1, i + 2]) for i in range(8)}
-    path = report.line_panels(tmp_path / "curves.png", {"mask AP": series, "box AP": series}, title="t", xlabel="x",
-                              ylabel="y")
+    series = {f"run {i}": ([1, 2, 3], [i, i + 1, i + 2]) for i in range(n_series)}
+    path = report.line_panels(tmp_path / "curves.png", {f"panel {i}": series for i in range(n_panels)}, title="t",
+                              xlabel="x", ylabel="y")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (fig,) = saved
     (legend,) = fig.legends
