@@ -62,3 +62,4 @@ def test_line_panels_put_one_legend_beside_several_panels_or_many_series(tmp_pat
     box = legend.get_window_extent()
     for ax in fig.axes:
         assert ax.get_legend() is None and not box.overlaps(ax.get_window_extent())
+        assert all(float(tick).is_integer() for tick in ax.get_xticks())  # whole epochs get whole ticks

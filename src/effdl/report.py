@@ -137,6 +137,8 @@ def line_panels(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[flo
             ax.plot(xs, ys, marker="o" if len(xs) <= 20 else None, label=name, color=colours[name])
         ax.set(title=panel, xlabel=xlabel)
         ax.grid(alpha=0.3)
+        if all(float(x).is_integer() for xs, _ in series.values() for x in xs):  # epochs, steps: no 2.5 ticks
+            ax.xaxis.get_major_locator().set_params(integer=True)
         if not outside:
             ax.legend()
     axes[0][0].set_ylabel(ylabel)
