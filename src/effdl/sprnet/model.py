@@ -431,7 +431,7 @@ class SPRFCOS(SPRMixin, FCOS):
         matched = [fcos_assign(t["boxes"], a, level_counts, self.center_sampling_radius)
                    for t, a in zip(targets, anchors, strict=True)]
         decode = self.mask_in_predicted_boxes or self.iou_quality
-        positives, predicted = [], []
+        positives, predicted, truths = [], [], []
         for i, (t, a, m) in enumerate(zip(targets, anchors, matched, strict=True)):
             location = (m >= 0).nonzero().flatten()
             gt = m[location]
@@ -441,14 +441,15 @@ class SPRFCOS(SPRMixin, FCOS):
             boxes = self.box_coder.decode(head_outputs["bbox_regression"][i, location].detach(),
                                           a[location]) if decode else truth
             predicted.append(boxes)
+            truths.append(truth)
             positives.append((location, gt, mask_frames(boxes, truth) if self.mask_in_predicted_boxes else truth))
         losses = self.head.compute_loss(targets, head_outputs, anchors, matched)
         if self.iou_quality:  # the same normaliser as torchvision's centerness loss: foreground locations
             flat = torch.cat([i * len(a) + location for i, (a, (location, _, _)) in enumerate(zip(anchors, positives,
                                                                                                     strict=True))])
             quality = head_outputs["bbox_ctrness"].flatten()[flat]  # (F,)
-            truth = torch.cat([t["boxes"][gt] for t, (_, gt, _) in zip(targets, positives, strict=True)])
-            losses["bbox_ctrness"] = iou_quality_loss(quality, torch.cat(predicted), truth) / max(1, len(quality))
+            losses["bbox_ctrness"] = iou_quality_loss(quality, torch.cat(predicted), torch.cat(truths)) / max(
+                1, len(quality))
         return losses, positives
 
     def detections(self, outputs: dict[str, list[Tensor]], anchors: list[list[Tensor]],
