@@ -9,9 +9,8 @@ test images after every epoch.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
-from harness import RESULTS, report, resumable_checkpoint
+from harness import RESULTS, report, train_resumably
 
 from effdl.report import line_plot
 from effdl.soft.train import TRAINER, ImageTrainConfig, create_classifier, train_classifier
@@ -22,7 +21,7 @@ def accuracy(args: argparse.Namespace) -> None:
     for name in ("soft_tiny", args.baseline):
         cfg = ImageTrainConfig(model=name, img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
                                lr=args.lr, warmup_epochs=min(1.0, args.epochs / 4), out_dir=f"runs/bench-{name}")
-        result = train_classifier(cfg, resume=resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg)))
+        result, _ = train_resumably(train_classifier, cfg, TRAINER)
         params = sum(p.numel() for p in create_classifier(name, args.img_size).parameters())
         rows.append((name, f"{params / 1e6:.1f}M", args.epochs, f"{result.metrics['top1']:.2f}%",
                      f"{result.items_per_s:.0f}"))

@@ -24,11 +24,10 @@ read the APs as a comparison at equal budget, not as either backbone's ceiling.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
-from harness import RESULTS, add_plot_only, load_results, report, resumable_checkpoint
+from harness import RESULTS, add_plot_only, load_results, report, train_resumably
 from sprnet_vs_maskrcnn import latency
 
 from effdl.report import line_plot
@@ -50,10 +49,9 @@ def train_both(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, lis
                                    max_size=args.image_size, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
                                    warmup_steps=args.warmup_steps, eval_every=max(1, int(epochs) + 1),  # at the end
                                    out_dir=f"runs/bench-sprnet-soft/{args.name}/{backbone}")
-        resume = resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg))
-        result = train_detector(cfg, resume=resume)
+        result, checkpoints[cfg.model] = train_resumably(train_detector, cfg, TRAINER)
         print(f"{cfg.model}: {result.items_per_s:.1f} images/s in training")
-        checkpoints[cfg.model], histories[cfg.model] = result.checkpoint or resume, result.evals
+        histories[cfg.model] = result.evals
     return checkpoints, histories
 
 
