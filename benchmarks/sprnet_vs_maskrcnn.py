@@ -36,7 +36,7 @@ import math
 from pathlib import Path
 
 import torch
-from harness import RESULTS, add_plot_only, load_results, report, resumable_checkpoint, time_interleaved
+from harness import RESULTS, add_plot_only, load_results, report, time_interleaved, train_resumably
 from torchvision.ops import box_iou
 
 from effdl.report import line_panels
@@ -82,6 +82,13 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-p2-local-fpn96": ("sprnet_fcos", {"fpn_channels": 96}, True),  # ... and at 3/8 width
     # the defaults with FCOS's centre sampling at 2.5 strides instead of 1.5: more positives for medium objects
     "sprnet_fcos-radius2.5": ("sprnet_fcos", {"center_sampling_radius": 2.5}, True),
+    # the defaults at a higher peak learning rate (every other run: --lr, 1e-4): SPR-FCOS's training loss stalls
+    # at 0.95 after 20 epochs while its validation AP plateaus from epoch 13
+    "sprnet_fcos-lr2e-4": ("sprnet_fcos", {"lr": 2e-4}, True),
+    "sprnet_fcos-lr3e-4": ("sprnet_fcos", {"lr": 3e-4}, True),
+    # the defaults with positives on each object's own pixels around its mask's centre of mass: a fifth of the
+    # objects SPR-FCOS misses are occluded ones whose box centre lies on the occluder
+    "sprnet_fcos-maskcentre": ("sprnet_fcos", {"mask_centre_sampling": True}, True),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
@@ -90,7 +97,8 @@ OPTIONAL_RUNS = ("sprnet_fcos-plain", "sprnet_fcos-agnostic", "sprnet_fcos-mask6
                  "sprnet_fcos-relu", "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
                  "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
                  "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local", "sprnet_fcos-p2-local-fpn96",
-                 "sprnet_fcos-radius2.5")
+                 "sprnet_fcos-radius2.5", "sprnet_fcos-lr2e-4", "sprnet_fcos-lr3e-4",
+                 "sprnet_fcos-maskcentre")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -131,11 +139,12 @@ def run_config(args: argparse.Namespace, run: str) -> DetectionTrainConfig:
     model = f"{family}_{args.backbone}_fpn"
     fields = {f.name for f in dataclasses.fields(DetectionTrainConfig)}
     config_options = {k: v for k, v in options.items() if k in fields}
-    return DetectionTrainConfig(**config_options,
-        model=model, backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
+    shared = dict(
+        backbone=args.backbone, data=args.data, shapes_train_images=args.train_images,
         shapes_val_images=args.val_images, shapes_image_size=args.image_size, min_size=args.image_size,
         max_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        eval_every=args.eval_every, maskrcnn_rois_per_image=args.maskrcnn_rois,
+        eval_every=args.eval_every, maskrcnn_rois_per_image=args.maskrcnn_rois)
+    return DetectionTrainConfig(**{**shared, **config_options}, model=model,
         model_options={k: v for k, v in options.items() if k not in fields},
         weights_backbone=pretrained_backbone(args) if pretrained else None,
         out_dir=f"runs/bench-sprnet/{args.epochs:g}ep/{model if run == family else run.replace(family, model, 1)}")
@@ -143,9 +152,8 @@ def run_config(args: argparse.Namespace, run: str) -> DetectionTrainConfig:
 
 def train(cfg: DetectionTrainConfig) -> tuple[Path, list[dict]]:
     """Train (or resume, or reuse the finished run of) ``cfg``; its final checkpoint and evaluation history."""
-    resume = resumable_checkpoint(cfg.out_dir, TRAINER, dataclasses.asdict(cfg))
-    result = train_detector(cfg, resume=resume)
-    return result.checkpoint or resume, result.evals
+    result, checkpoint = train_resumably(train_detector, cfg, TRAINER)
+    return checkpoint, result.evals
 
 
 def load_with_options(checkpoint: Path, options: dict, device: str = "cpu") -> tuple[torch.nn.Module,

@@ -225,6 +225,120 @@ def test_fcos_assign_matches_torchvision_fcos(options):
     assert (theirs[0] >= 0).sum() > 7 and (theirs[2] < 0).all()  # several locations per box; none without boxes
 
 
+def _model_anchors(size: int, **options) -> tuple[torch.Tensor, list[int]]:
+    """(L, 4) the SPR-FCOS locations' squares of one ``size`` x ``size`` image, and the locations per level."""
+    model = build_detector("sprnet_fcos_resnet18_fpn", 4, min_size=size, max_size=size, **options)
+    images = model.transform([torch.rand(3, size, size)])[0]
+    features = list(model.backbone(images.tensors).values())
+    return model.anchor_generator(images, features)[0], [f.shape[-2] * f.shape[-1] for f in features]
+
+
+def _assign_by_loops(boxes: torch.Tensor, masks: torch.Tensor, anchors: torch.Tensor, counts: list[int],
+                     radius: float) -> torch.Tensor:
+    """Mask-centre FCOS assignment one location and one object at a time, from its definition."""
+    levels = [level for level, count in enumerate(counts) for _ in range(count)]
+    centres = []
+    for mask in masks:
+        ys, xs = mask.nonzero(as_tuple=True)
+        centres.append((xs.float().mean().item() + 0.5, ys.float().mean().item() + 0.5) if len(xs) else (0.0, 0.0))
+
+    def candidates(rule: str) -> list[list[bool]]:
+        table = []
+        for (ax0, ay0, ax1, ay1), level in zip(anchors.tolist(), levels, strict=True):
+            x, y, stride = (ax0 + ax1) / 2, (ay0 + ay1) / 2, ax1 - ax0
+            row = []
+            for g, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+                sides = (x - x0, y - y0, x1 - x, y1 - y)
+                floor = 0 if level == 0 else 4 * stride
+                ceiling = float("inf") if level == len(counts) - 1 else 8 * stride
+                ok = min(sides) > 0 and floor < max(sides) < ceiling
+                px, py = int(x // 1), int(y // 1)
+                on_pixel = 0 <= px < masks.shape[2] and 0 <= py < masks.shape[1] and bool(masks[g, py, px])
+                centre = {"mass centre": centres[g], "pixels": None, "box centre": ((x0 + x1) / 2, (y0 + y1) / 2)}[rule]
+                if rule != "box centre":
+                    ok = ok and on_pixel
+                if centre is not None:
+                    ok = ok and max(abs(x - centre[0]), abs(y - centre[1])) < radius * stride
+                row.append(ok)
+            table.append(row)
+        return table
+
+    # per object, the first rule that gives it a candidate: near its mass centre, on its pixels, near its box centre
+    rules = [candidates("mass centre"), candidates("pixels"), candidates("box centre")]
+    rule = [next((r for r in rules if any(row[g] for row in r)), rules[-1]) for g in range(len(boxes))]
+    areas = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).tolist()
+    matched = []
+    for location in range(len(anchors)):
+        chosen = [g for g in range(len(boxes)) if rule[g][location][g]]
+        matched.append(min(chosen, key=lambda g: areas[g]) if chosen else -1)
+    return torch.tensor(matched)
+
+
+def test_mask_centre_assignment_matches_loops_over_locations():
+    """Random blobs inside random boxes, one object with no visible pixel (it keeps its box-centre candidates), one
+    strip far from its box's centre, and one ring (no pixel near its mass centre: its pixels at any distance)."""
+    generator = torch.Generator().manual_seed(5)
+    anchors, counts = _model_anchors(64)
+    boxes = _random_boxes(6, 64, 64, generator, smallest=6).clamp(max=64)
+    masks = torch.zeros(6, 64, 64, dtype=torch.uint8)
+    for g, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+        masks[g, y0:y1, x0:x1] = torch.rand(y1 - y0, x1 - x0, generator=generator) > 0.4
+    masks[2] = 0
+    x0, y0, x1, y1 = boxes[4].round().long().tolist()
+    masks[4] = 0
+    masks[4, y0:y0 + 3, x0:x1] = 1  # a strip along the top: its mass centre is far from the box centre
+    boxes[5] = torch.tensor([4.0, 4.0, 60.0, 60.0])
+    masks[5] = 0
+    masks[5, 4:60, 4:60] = 1
+    masks[5, 12:52, 12:52] = 0  # a ring
+    ours = fcos_assign(boxes, anchors, counts, 1.5, masks)
+    assert torch.equal(ours, _assign_by_loops(boxes, masks, anchors, counts, 1.5))
+    assert torch.equal(ours == 2, fcos_assign(boxes[2:3], anchors, counts, 1.5) == 0)  # the fallback, alone
+    assert (ours == 4).any() and not torch.equal(ours == 4, fcos_assign(boxes[4:5], anchors, counts, 1.5) == 0)
+    ring = fcos_assign(boxes[5:], anchors, counts, 1.5, masks[5:]) == 0
+    points = ((anchors[ring, :2] + anchors[ring, 2:]) / 2).floor().long()
+    assert ring.sum() > 4 and masks[5, points[:, 1], points[:, 0]].all()
+
+
+def test_an_occluded_objects_positives_lie_on_its_own_pixels():
+    """A square whose centre a smaller square covers from one side: box-centre sampling gives some of its positives
+    the occluder's pixels, mask-centre sampling none, and the occluder's own positives do not change."""
+    anchors, counts = _model_anchors(96)
+    boxes = torch.tensor([[10.0, 10.0, 70.0, 70.0], [30.0, 30.0, 50.0, 70.0]])
+    masks = torch.zeros(2, 96, 96, dtype=torch.uint8)
+    masks[0, 10:70, 10:70] = 1
+    masks[0, 30:70, 30:50] = 0
+    masks[1, 30:70, 30:50] = 1
+    points = ((anchors[:, :2] + anchors[:, 2:]) / 2).floor().long()
+
+    def on_occluder(matched: torch.Tensor) -> int:
+        location = (matched == 0).nonzero().flatten()
+        return int(masks[1, points[location, 1], points[location, 0]].sum())
+
+    by_box, by_mask = fcos_assign(boxes, anchors, counts), fcos_assign(boxes, anchors, counts, masks=masks)
+    assert on_occluder(by_box) > 0
+    assert (by_mask == 0).sum() > 0 and on_occluder(by_mask) == 0
+    assert torch.equal(by_mask == 1, by_box == 1)
+
+
+def test_mask_centre_sampling_trains_on_its_assignment():
+    """The option reaches the loss: torchvision's head gets the mask-centre assignment."""
+    torch.manual_seed(0)
+    model = build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=64, max_size=64, mask_centre_sampling=True)
+    captured = []
+    head_loss = model.head.compute_loss
+    model.head.compute_loss = lambda targets, outputs, anchors, matched: captured.append(matched) or head_loss(
+        targets, outputs, anchors, matched)
+    target = box_target([[8, 10, 40, 44], [20, 20, 60, 60]], [1, 2], (64, 64))
+    target["masks"][1, 20:45, 20:45] = 0  # the second box's upper-left part is hidden
+    losses = model.train()([torch.rand(3, 64, 64)], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    anchors, counts = _model_anchors(64)
+    expected = fcos_assign(target["boxes"], anchors, counts, model.center_sampling_radius, target["masks"])
+    assert torch.equal(captured[0][0], expected)
+    assert not torch.equal(expected, fcos_assign(target["boxes"], anchors, counts, model.center_sampling_radius))
+
+
 def _trained_a_little(name: str, **options) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_detector(name, 3, min_size=64, max_size=64, score_thresh=0.0, mask_score_thresh=0.0, **options)

@@ -184,31 +184,64 @@ class SoftplusConv2d(nn.Conv2d):
         return F.softplus(super().forward(x))
 
 
-def fcos_assign(gt_boxes: Tensor, anchors: Tensor, level_counts: list[int], radius: float = 1.5) -> Tensor:
+def fcos_assign(gt_boxes: Tensor, anchors: Tensor, level_counts: list[int], radius: float = 1.5,
+                masks: Tensor | None = None) -> Tensor:
     """FCOS's assignment of locations to ground-truth boxes: (L,) box index per location, -1 for background.
 
     ``anchors`` (L, 4) are the locations' stride-sized squares, level by level (``level_counts`` per level). A
     location is a candidate for a box when it lies inside the box, within ``radius`` strides of its centre (centre
     sampling), and its largest distance to the box's sides is in its level's range (4 to 8 strides; the first
     level has no floor, the last no ceiling). Among candidates a location takes the smallest box.
-    Cost O(L * G).
+
+    With ``masks`` (G, H, W), the objects' visible pixels in the image's frame, a candidate must lie on its object's
+    pixels, and centre sampling is around the mask's centre of mass (``on_mask``). Centre sampling around the box
+    centre puts an occluded object's positives on its occluder where that covers the box centre, and their features
+    then learn two objects. An object with no such candidate (a ring, whose mass centre is in its hole) takes its
+    on-pixel candidates at any distance, and one without those (no pixel on a location) its box-centre candidates.
+    Cost O(L * G), plus O(G * H * W) with masks.
     """
     if len(gt_boxes) == 0:
         return torch.full((len(anchors),), -1, dtype=torch.long, device=anchors.device)
     points = (anchors[:, :2] + anchors[:, 2:]) / 2  # (L, 2)
     stride = anchors[:, 2] - anchors[:, 0]  # (L,)
-    centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # (G, 2)
-    near_centre = (points[:, None] - centres[None]).abs().amax(2) < radius * stride[:, None]  # (L, G)
     sides = torch.cat([points[:, None] - gt_boxes[None, :, :2], gt_boxes[None, :, 2:] - points[:, None]], 2)
     floor, ceiling = 4 * stride, 8 * stride
     floor[: level_counts[0]] = 0
     ceiling[-level_counts[-1]:] = float("inf")
     reach = sides.amax(2)  # (L, G)
-    candidate = near_centre & (sides.amin(2) > 0) & (reach > floor[:, None]) & (reach < ceiling[:, None])
+    in_range = (sides.amin(2) > 0) & (reach > floor[:, None]) & (reach < ceiling[:, None])
+    centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2  # (G, 2)
+    candidate = in_range & _within(points, centres, radius * stride)
+    if masks is not None:
+        on_pixels, mass_centres = on_mask(points, masks)
+        on_pixels &= in_range
+        near_mass_centre = on_pixels & _within(points, mass_centres, radius * stride)
+        candidate = torch.where(near_mass_centre.any(0), near_mass_centre,
+                                torch.where(on_pixels.any(0), on_pixels, candidate))
     areas = (gt_boxes[:, 2:] - gt_boxes[:, :2]).prod(1)  # (G,)
     area_if_candidate = torch.where(candidate, areas[None], float("inf"))
     smallest, gt = area_if_candidate.min(1)
     return torch.where(smallest.isfinite(), gt, -1)
+
+
+def _within(points: Tensor, centres: Tensor, reach: Tensor) -> Tensor:
+    """(L, G): point l is less than ``reach[l]`` from centre g in both x and y."""
+    return (points[:, None] - centres[None]).abs().amax(2) < reach[:, None]
+
+
+def on_mask(points: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    """(L, G): point l (x, y in pixels) lies on a pixel of mask g (G, H, W); and (G, 2) each mask's centre of mass
+    (x, y; 0 for an empty mask). Points off the image are off every mask. Cost O(G * H * W + L * G)."""
+    h, w = masks.shape[-2:]
+    weights = masks.float()
+    total = weights.sum((1, 2)).clamp(min=1)  # (G,)
+    ys = torch.arange(h, dtype=weights.dtype, device=masks.device) + 0.5
+    xs = torch.arange(w, dtype=weights.dtype, device=masks.device) + 0.5
+    mass_centres = torch.stack([(weights.sum(1) * xs).sum(1), (weights.sum(2) * ys).sum(1)], 1) / total[:, None]
+    pixel = points.floor().long()  # (L, 2) x, y
+    inside = (pixel[:, 0] >= 0) & (pixel[:, 0] < w) & (pixel[:, 1] >= 0) & (pixel[:, 1] < h)
+    x, y = pixel[:, 0].clamp(0, w - 1), pixel[:, 1].clamp(0, h - 1)
+    return (masks[:, y, x] > 0).T & inside[:, None], mass_centres
 
 
 def iou_quality_loss(quality_logits: Tensor, predicted: Tensor, truth: Tensor) -> Tensor:
@@ -410,6 +443,8 @@ class SPRFCOS(SPRMixin, FCOS):
     overlaps the ground truth by IoU 0.5, ``spr_head.mask_frames``), the box it is pasted into at inference,
     instead of in the ground-truth box. ``iou_quality``: the centerness branch learns each location's predicted-box
     IoU with its object instead of its centerness (``iou_quality_loss``), so scores rank localisation quality.
+    ``mask_centre_sampling``: positives are sampled on each object's own pixels around its mask's centre of mass,
+    not around its box centre (``fcos_assign`` with masks), so an occluded object's positives are not its occluder's.
     """ + _SPR_OPTIONS
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, mask_head: nn.Module | None = None,
@@ -418,17 +453,19 @@ class SPRFCOS(SPRMixin, FCOS):
                  mask_score_thresh: float = 0.0, mask_scoring: bool = False, refine_boxes: bool = False,
                  mask_in_predicted_boxes: bool = False, mask_loss_weight: float = 1.0,
                  mask_frame_scale: float = 1.0, iou_quality: bool = False, local_mask_features: bool = False,
-                 **kwargs: Any):
+                 mask_centre_sampling: bool = False, **kwargs: Any):
         super().__init__(backbone, num_classes, **kwargs)
         self._init_spr(backbone.out_channels, num_classes, mask_head, mask_size, mask_dilations,
                        mask_positives_per_image, class_agnostic_masks, mask_score_thresh, mask_scoring, refine_boxes,
                        mask_loss_weight, mask_frame_scale, local_mask_features)
         self.mask_in_predicted_boxes = mask_in_predicted_boxes
         self.iou_quality = iou_quality
+        self.mask_centre_sampling = mask_centre_sampling
 
     def detection_loss(self, targets: Targets, head_outputs: dict[str, Tensor], anchors: list[Tensor],
                        level_counts: list[int]) -> tuple[dict[str, Tensor], list[Positives]]:
-        matched = [fcos_assign(t["boxes"], a, level_counts, self.center_sampling_radius)
+        matched = [fcos_assign(t["boxes"], a, level_counts, self.center_sampling_radius,
+                               t["masks"] if self.mask_centre_sampling else None)
                    for t, a in zip(targets, anchors, strict=True)]
         decode = self.mask_in_predicted_boxes or self.iou_quality
         positives, predicted, truths = [], [], []
