@@ -284,7 +284,7 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
     line_panels(path.with_suffix(".png"), _ap_panels(results["history"], labels),
                 title=f"{args['data']} {args['image_size']} px, {args['backbone']}-FPN, {args['epochs']:g} epochs "
                 f"each, the same recipe",
-                xlabel="epoch", ylabel="COCO AP on validation (%)")
+                xlabel="epoch", ylabel="COCO AP on validation (%)", order=list(LABELS.values()))
 
 
 def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:

@@ -63,3 +63,19 @@ def test_line_panels_put_one_legend_beside_several_panels_or_many_series(tmp_pat
     for ax in fig.axes:
         assert ax.get_legend() is None and not box.overlaps(ax.get_window_extent())
         assert all(float(tick).is_integer() for tick in ax.get_xticks())  # whole epochs get whole ticks
+
+
+def test_line_panels_give_a_series_the_colour_of_its_place_in_order(tmp_path, monkeypatch):
+    """Two plots of one benchmark, one without the second run: the third keeps its colour in both."""
+    import effdl.report as report
+
+    saved = []
+    save = report._save
+    monkeypatch.setattr(report, "_save", lambda fig, path, tight=True: saved.append(fig) or save(fig, path, tight))
+    order = ["a", "b", "c"]
+    colours = []
+    for names in (["a", "b", "c"], ["a", "c", "extra"]):
+        series = {name: ([1, 2], [1, 2]) for name in names}
+        report.line_panels(tmp_path / "curves.png", {"panel": series}, title="t", xlabel="x", ylabel="y", order=order)
+        colours.append({line.get_label(): line.get_color() for line in saved[-1].axes[0].get_lines()})
+    assert colours[0]["c"] == colours[1]["c"] == "C2" and colours[1]["extra"] == "C3"

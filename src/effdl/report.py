@@ -123,12 +123,16 @@ def line_plot(path: str | Path, series: dict[str, tuple[Sequence[float], Sequenc
 
 
 def line_panels(path: str | Path, panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]], *,
-                title: str, xlabel: str, ylabel: str) -> Path:
+                title: str, xlabel: str, ylabel: str, order: Sequence[str] = ()) -> Path:
     """One PNG of side-by-side line plots (a titled panel per entry of ``panels``), sharing the y axis; a series
     name keeps its colour in every panel. With several panels or past four series one legend sits right of the
-    panels, so it hides no line."""
-    names = list(dict.fromkeys(name for series in panels.values() for name in series))
-    colours = {name: f"C{i}" for i, name in enumerate(names)}
+    panels, so it hides no line.
+
+    ``order``: series names whose colours are fixed by their place in it, whichever of them a plot holds, so that
+    the plots of one benchmark agree; other names take the colours after them.
+    """
+    names = list(dict.fromkeys([*order, *(name for series in panels.values() for name in series)]))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
     outside = len(panels) > 1 or len(names) > 4
     fig, axes = _pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels) + 3 * outside, 4.2), dpi=110,
                                    sharey=True, squeeze=False)
