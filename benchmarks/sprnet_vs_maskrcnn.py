@@ -316,7 +316,8 @@ def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
                     args: argparse.Namespace) -> None:
     """sprnet_fcos_ablation.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
-    its difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; and
+    its difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; any
+    Mask R-CNN runs among ``runs`` as rows of reference (the baseline at other learning rates); and
     sprnet_fcos_ablation_latency.json: the latency of the runs with a ``LATENCY`` entry, as ratios to the defaults'
     and, where ``retinanet`` is among ``runs``, to RetinaNet's (the latency target's reference)."""
     base = "sprnet_fcos"
@@ -328,9 +329,11 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
     rows = [(run, *_cells(m, "bbox"), *_cells(m, "segm"),
              *(f"{100 * (m[kind]['AP'] - metrics[base][kind]['AP']):+.1f}" for kind in ("bbox", "segm")),
              f"{quality[run]['mask IoU']:.3f}") for run, m in metrics.items()]
+    references = {run: histories[run][-1]["metrics"] for run in runs if RUNS[run][0] == "maskrcnn"}
+    rows += [(run, *_cells(m, "bbox"), *_cells(m, "segm"), "", "", "") for run, m in references.items()]
     report("sprnet_fcos_ablation", f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
-           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality,
+           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "references": references,
                   "history": {run: histories[run] for run in spr_runs}})
     plot_ablation()
     seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
@@ -407,10 +410,10 @@ def main() -> None:
         plot_ablation()
         return
 
-    if args.ablation_report and ("sprnet_fcos" not in args.runs
-                                 or any(RUNS[run][0] != "sprnet_fcos" for run in args.runs if run != "retinanet")):
+    if args.ablation_report and ("sprnet_fcos" not in args.runs or any(
+            RUNS[run][0] not in ("sprnet_fcos", "maskrcnn") for run in args.runs if run != "retinanet")):
         parser.error("--ablation-report takes SPR-FCOS runs, sprnet_fcos (the defaults) among them, and optionally "
-                     "retinanet (the latency reference)")
+                     "retinanet (the latency reference) and Mask R-CNN runs (references)")
     missing = [run for run in ("maskrcnn", "retinanet", "sprnet_fcos") if run not in args.runs]
     if missing and not (args.train_only or args.ablation_report):
         parser.error(f"the report needs the runs {', '.join(missing)} (or train a subset with --train-only)")
