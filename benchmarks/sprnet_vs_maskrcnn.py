@@ -5,6 +5,7 @@
     python benchmarks/sprnet_vs_maskrcnn.py --plot-only     # redraw the PNGs from their results JSON
     python benchmarks/sprnet_vs_maskrcnn.py --ablation-report --epochs 10 --runs sprnet_fcos ... [retinanet]
         # SPR-FCOS training ablations against its defaults trained on the same machine: sprnet_fcos_ablation*
+        # (--ablation-name NAME: another report beside it)
 
 Every run uses one recipe (``effdl.sprnet.train``; AdamW at ``--lr`` unless its name gives its own learning rate,
 as ``sprnet_fcos-lr3e-4`` and ``maskrcnn-lr2e-4`` do) and the same data, epochs and starting backbone: a ResNet-18
@@ -304,10 +305,10 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
 
 
 def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
-    """sprnet_fcos_ablation.png: validation mask AP and box AP per epoch of every run in the ablation report."""
+    """The ablation report's PNG beside it: validation mask AP and box AP per epoch of every SPR-FCOS run in it."""
     results = load_results(path)
     args = results["args"]
-    line_panels(RESULTS / "sprnet_fcos_ablation.png",
+    line_panels(path.with_suffix(".png"),
                 _ap_panels(results["history"], {run: run for run in results["history"]}),
                 title=f"SPR-FCOS ablations, {args['image_size']} px shapes, {args['backbone']}-FPN, the same recipe "
                 f"and epochs", xlabel="epoch", ylabel="COCO AP on validation (%)")
@@ -315,10 +316,10 @@ def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
 
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
                     args: argparse.Namespace) -> None:
-    """sprnet_fcos_ablation.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
+    """<--ablation-name>.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
     its difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; any
     Mask R-CNN runs among ``runs`` as rows of reference (the baseline at other learning rates); and
-    sprnet_fcos_ablation_latency.json: the latency of the runs with a ``LATENCY`` entry, as ratios to the defaults'
+    <--ablation-name>_latency.json: the latency of the runs with a ``LATENCY`` entry, as ratios to the defaults'
     and, where ``retinanet`` is among ``runs``, to RetinaNet's (the latency target's reference)."""
     base = "sprnet_fcos"
     spr_runs = [run for run in runs if RUNS[run][0] == "sprnet_fcos"]
@@ -331,14 +332,14 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
              f"{quality[run]['mask IoU']:.3f}") for run, m in metrics.items()]
     references = {run: histories[run][-1]["metrics"] for run in runs if RUNS[run][0] == "maskrcnn"}
     rows += [(run, *_cells(m, "bbox"), *_cells(m, "segm"), "", "", "") for run, m in references.items()]
-    report("sprnet_fcos_ablation", f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
+    path = report(args.ablation_name, f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
            extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "references": references,
                   "history": {run: histories[run] for run in spr_runs}})
-    plot_ablation()
+    plot_ablation(path)
     seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
     references = [ref for ref in (base, "retinanet") if ref in seconds[args.latency_sizes[0]]]
-    report("sprnet_fcos_ablation_latency", f"median latency per image, batch 1 on {args.device} (ms)",
+    report(f"{args.ablation_name}_latency", f"median latency per image, batch 1 on {args.device} (ms)",
            ["run", *(f"@{s}px" for s in args.latency_sizes),
             *(f"vs {ref} @{s}px" for ref in references for s in args.latency_sizes)],
            [(name, *(f"{1e3 * seconds[s][name]:.1f}" for s in args.latency_sizes),
@@ -386,6 +387,8 @@ def main() -> None:
     parser.add_argument("--ablation-report", action="store_true",
                         help="train (or reuse) --runs, SPR-FCOS variants with sprnet_fcos among them (and retinanet "
                              "for latency), and report them against sprnet_fcos only")
+    parser.add_argument("--ablation-name", default="sprnet_fcos_ablation",
+                        help="results name of the ablation report (its JSON, PNG and _latency JSON)")
     parser.add_argument("--data", default="shapes")
     parser.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet50"])
     parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
@@ -407,7 +410,9 @@ def main() -> None:
     if args.plot_only:
         for path in RESULTS.glob("sprnet_vs_maskrcnn*.json"):
             plot(path)
-        plot_ablation()
+        for path in RESULTS.glob("sprnet_fcos_ablation*.json"):
+            if not path.stem.endswith("_latency"):
+                plot_ablation(path)
         return
 
     if args.ablation_report and ("sprnet_fcos" not in args.runs or any(
