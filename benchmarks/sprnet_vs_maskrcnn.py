@@ -310,8 +310,9 @@ def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
     args = results["args"]
     line_panels(path.with_suffix(".png"),
                 _ap_panels(results["history"], {run: run for run in results["history"]}),
-                title=f"SPR-FCOS ablations, {args['image_size']} px shapes, {args['backbone']}-FPN, the same recipe "
-                f"and epochs", xlabel="epoch", ylabel="COCO AP on validation (%)")
+                title=f"SPR-FCOS ablations, {args['image_size']} px shapes, {args['backbone']}-FPN, {args['epochs']:g} "
+                f"epochs each, the same recipe (AdamW at lr {args['lr']:g} unless named)", xlabel="epoch",
+                ylabel="COCO AP on validation (%)")
 
 
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
