@@ -94,6 +94,7 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     # objects SPR-FCOS misses are occluded ones whose box centre lies on the occluder
     "sprnet_fcos-maskcentre": ("sprnet_fcos", {"mask_centre_sampling": True}, True),
     "sprnet_fcos-lr3e-4-maskcentre": ("sprnet_fcos", {"lr": 3e-4, "mask_centre_sampling": True}, True),  # both
+    "sprnet_fcos-lr3e-4-maskcentre-scratch": ("sprnet_fcos", {"lr": 3e-4, "mask_centre_sampling": True}, False),
     "retinanet-scratch": ("retinanet", {}, False),
     "sprnet_fcos-scratch": ("sprnet_fcos", {}, False),
 }
@@ -103,7 +104,8 @@ OPTIONAL_RUNS = ("sprnet_fcos-plain", "sprnet_fcos-agnostic", "sprnet_fcos-mask6
                  "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
                  "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local", "sprnet_fcos-p2-local-fpn96",
                  "sprnet_fcos-radius2.5", "sprnet_fcos-lr2e-4", "sprnet_fcos-lr3e-4",
-                 "maskrcnn-lr2e-4", "sprnet_fcos-maskcentre", "sprnet_fcos-lr3e-4-maskcentre")
+                 "maskrcnn-lr2e-4", "sprnet_fcos-maskcentre", "sprnet_fcos-lr3e-4-maskcentre",
+                 "sprnet_fcos-lr3e-4-maskcentre-scratch")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
@@ -319,7 +321,7 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
                     args: argparse.Namespace) -> None:
     """<--ablation-name>.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
     its difference from ``sprnet_fcos`` (the defaults) trained in the same session; AP per epoch in the plot; any
-    Mask R-CNN runs among ``runs`` as rows of reference (the baseline at other learning rates); and
+    baseline runs among ``runs`` as rows of reference (Mask R-CNN at other learning rates, RetinaNet); and
     <--ablation-name>_latency.json: the latency of the runs with a ``LATENCY`` entry, as ratios to the defaults'
     and, where ``retinanet`` is among ``runs``, to RetinaNet's (the latency target's reference)."""
     base = "sprnet_fcos"
@@ -331,7 +333,7 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
     rows = [(run, *_cells(m, "bbox"), *_cells(m, "segm"),
              *(f"{100 * (m[kind]['AP'] - metrics[base][kind]['AP']):+.1f}" for kind in ("bbox", "segm")),
              f"{quality[run]['mask IoU']:.3f}") for run, m in metrics.items()]
-    references = {run: histories[run][-1]["metrics"] for run in runs if RUNS[run][0] == "maskrcnn"}
+    references = {run: histories[run][-1]["metrics"] for run in runs if RUNS[run][0] != "sprnet_fcos"}
     rows += [(run, *_cells(m, "bbox"), *_cells(m, "segm"), "", "", "") for run, m in references.items()]
     path = report(args.ablation_name, f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
@@ -417,9 +419,9 @@ def main() -> None:
         return
 
     if args.ablation_report and ("sprnet_fcos" not in args.runs or any(
-            RUNS[run][0] not in ("sprnet_fcos", "maskrcnn") for run in args.runs if run != "retinanet")):
+            RUNS[run][0] not in ("sprnet_fcos", "maskrcnn", "retinanet") for run in args.runs)):
         parser.error("--ablation-report takes SPR-FCOS runs, sprnet_fcos (the defaults) among them, and optionally "
-                     "retinanet (the latency reference) and Mask R-CNN runs (references)")
+                     "Mask R-CNN and RetinaNet runs (references; retinanet is also the latency reference)")
     missing = [run for run in ("maskrcnn", "retinanet", "sprnet_fcos") if run not in args.runs]
     if missing and not (args.train_only or args.ablation_report):
         parser.error(f"the report needs the runs {', '.join(missing)} (or train a subset with --train-only)")
