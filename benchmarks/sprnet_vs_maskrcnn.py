@@ -91,7 +91,7 @@ RUNS: dict[str, tuple[str, dict, bool]] = {
     "sprnet_fcos-lr3e-4": ("sprnet_fcos", {"lr": 3e-4}, True),
     "maskrcnn-lr2e-4": ("maskrcnn", {"lr": 2e-4}, True),  # does the baseline gain as much from it?
     # the defaults with positives on each object's own pixels around its mask's centre of mass: a fifth of the
-    # objects SPR-FCOS misses are occluded ones whose box centre lies on the occluder
+    # objects SPR-FCOS misses have their box centre off their own pixels (mostly occlusion)
     "sprnet_fcos-maskcentre": ("sprnet_fcos", {"mask_centre_sampling": True}, True),
     "sprnet_fcos-lr3e-4-maskcentre": ("sprnet_fcos", {"lr": 3e-4, "mask_centre_sampling": True}, True),  # both
     "sprnet_fcos-lr3e-4-maskcentre-scratch": ("sprnet_fcos", {"lr": 3e-4, "mask_centre_sampling": True}, False),
@@ -333,11 +333,11 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
     rows = [(run, *_cells(m, "bbox"), *_cells(m, "segm"),
              *(f"{100 * (m[kind]['AP'] - metrics[base][kind]['AP']):+.1f}" for kind in ("bbox", "segm")),
              f"{quality[run]['mask IoU']:.3f}") for run, m in metrics.items()]
-    references = {run: histories[run][-1]["metrics"] for run in runs if RUNS[run][0] != "sprnet_fcos"}
-    rows += [(run, *_cells(m, "bbox"), *_cells(m, "segm"), "", "", "") for run, m in references.items()]
+    baselines = {run: histories[run][-1]["metrics"] for run in runs if RUNS[run][0] != "sprnet_fcos"}
+    rows += [(run, *_cells(m, "bbox"), *_cells(m, "segm"), "", "", "") for run, m in baselines.items()]
     path = report(args.ablation_name, f"SPR-FCOS training ablations vs its defaults, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
-           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "references": references,
+           extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "references": baselines,
                   "history": {run: histories[run] for run in spr_runs}})
     plot_ablation(path)
     seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
@@ -388,8 +388,9 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
     parser.add_argument("--train-only", action="store_true", help="train --runs, then stop (no report)")
     parser.add_argument("--ablation-report", action="store_true",
-                        help="train (or reuse) --runs, SPR-FCOS variants with sprnet_fcos among them (and retinanet "
-                             "for latency), and report them against sprnet_fcos only")
+                        help="train (or reuse) --runs, SPR-FCOS variants with sprnet_fcos among them (and Mask R-CNN "
+                             "or RetinaNet runs as references, retinanet also for latency), and report them against "
+                             "sprnet_fcos only")
     parser.add_argument("--ablation-name", default="sprnet_fcos_ablation",
                         help="results name of the ablation report (its JSON, PNG and _latency JSON)")
     parser.add_argument("--data", default="shapes")
@@ -397,7 +398,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=400, help="synthetic shapes only")
     parser.add_argument("--val-images", type=int, default=100, help="synthetic shapes only")
     parser.add_argument("--image-size", type=int, default=96, help="training / evaluation size")
-    parser.add_argument("--epochs", type=float, default=20.0)
+    parser.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--pretrain-steps", type=int, default=300,

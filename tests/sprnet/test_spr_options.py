@@ -225,9 +225,9 @@ def test_fcos_assign_matches_torchvision_fcos(options):
     assert (theirs[0] >= 0).sum() > 7 and (theirs[2] < 0).all()  # several locations per box; none without boxes
 
 
-def _model_anchors(size: int, **options) -> tuple[torch.Tensor, list[int]]:
+def _model_anchors(size: int) -> tuple[torch.Tensor, list[int]]:
     """(L, 4) the SPR-FCOS locations' squares of one ``size`` x ``size`` image, and the locations per level."""
-    model = build_detector("sprnet_fcos_resnet18_fpn", 4, min_size=size, max_size=size, **options)
+    model = build_detector("sprnet_fcos_resnet18_fpn", 4, min_size=size, max_size=size)
     images = model.transform([torch.rand(3, size, size)])[0]
     features = list(model.backbone(images.tensors).values())
     return model.anchor_generator(images, features)[0], [f.shape[-2] * f.shape[-1] for f in features]
