@@ -321,10 +321,12 @@ def test_an_occluded_objects_positives_lie_on_its_own_pixels():
     assert torch.equal(by_mask == 1, by_box == 1)
 
 
-def test_mask_centre_sampling_trains_on_its_assignment():
-    """The option reaches the loss: torchvision's head gets the mask-centre assignment."""
+@pytest.mark.parametrize("options", [{}, {"mask_centre_sampling": False}], ids=["default: mask centres", "box centres"])
+def test_fcos_loss_trains_on_the_chosen_assignment(options):
+    """The option reaches the loss, on by default: torchvision's head gets the mask-centre assignment, or with the
+    option off FCOS's own box-centre one."""
     torch.manual_seed(0)
-    model = build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=64, max_size=64, mask_centre_sampling=True)
+    model = build_detector("sprnet_fcos_resnet18_fpn", 3, min_size=64, max_size=64, **options)
     captured = []
     head_loss = model.head.compute_loss
     model.head.compute_loss = lambda targets, outputs, anchors, matched: captured.append(matched) or head_loss(
@@ -334,9 +336,10 @@ def test_mask_centre_sampling_trains_on_its_assignment():
     losses = model.train()([torch.rand(3, 64, 64)], [target])
     assert all(torch.isfinite(v) for v in losses.values())
     anchors, counts = _model_anchors(64)
-    expected = fcos_assign(target["boxes"], anchors, counts, model.center_sampling_radius, target["masks"])
-    assert torch.equal(captured[0][0], expected)
-    assert not torch.equal(expected, fcos_assign(target["boxes"], anchors, counts, model.center_sampling_radius))
+    by_mask = fcos_assign(target["boxes"], anchors, counts, model.center_sampling_radius, target["masks"])
+    by_box = fcos_assign(target["boxes"], anchors, counts, model.center_sampling_radius)
+    assert not torch.equal(by_mask, by_box)
+    assert torch.equal(captured[0][0], by_box if options else by_mask)
 
 
 def _trained_a_little(name: str, **options) -> torch.nn.Module:

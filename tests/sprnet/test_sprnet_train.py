@@ -10,7 +10,7 @@ from PIL import Image
 
 from effdl.errors import EffdlError
 from effdl.sprnet.data import write_shapes_dataset
-from effdl.sprnet.train import DetectionTrainConfig, load_detector, train_detector
+from effdl.sprnet.train import FAMILY_LR, DetectionTrainConfig, load_detector, train_detector
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +105,17 @@ def test_a_data_error_stops_training_before_the_first_step(shapes, tmp_path):
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
 
 
-def test_the_mask_head_trains_at_its_own_multiple_of_the_learning_rate(shapes, tmp_path, monkeypatch):
-    """``mask_head_lr_scale`` puts exactly the SPR mask head's parameters in a group of their own."""
+def test_the_mask_head_trains_at_its_own_multiple_of_the_family_learning_rate(shapes, tmp_path, monkeypatch):
+    """``mask_head_lr_scale`` puts exactly the SPR mask head's parameters in a group of their own; with no ``lr``
+    given the optimizer runs at the model family's rate."""
     import effdl.sprnet.train as train_module
 
-    groups = []
+    groups, rates = [], []
     real_adamw = torch.optim.AdamW
 
     def recording_adamw(params, **kw):
         groups.extend(params)
+        rates.append(kw["lr"])
         return real_adamw(params, **kw)
 
     monkeypatch.setattr(train_module.torch.optim, "AdamW", recording_adamw)
@@ -123,6 +125,9 @@ def test_the_mask_head_trains_at_its_own_multiple_of_the_learning_rate(shapes, t
     head = [g for g in groups if g.get("lr_scale") == 5.0]
     assert len(head) == 1 and len(head[0]["params"]) == len(list(model.mask_head.parameters()))
     assert sum(len(g["params"]) for g in groups) == len([p for p in model.parameters() if p.requires_grad])
+    assert rates == [FAMILY_LR["sprnet_fcos"]] and FAMILY_LR["sprnet_fcos"] != FAMILY_LR["retinanet"]
+    assert _config(shapes, tmp_path, model="sprnet_fcos_resnet18_fpn", lr=1e-4).lr == 1e-4
+    assert _config(shapes, tmp_path, model="retinanet").lr == FAMILY_LR["retinanet"]
     with pytest.raises(EffdlError, match="mask_head_lr_scale is for the SPR families"):
         _config(shapes, tmp_path, model="maskrcnn", mask_head_lr_scale=5.0)
     with pytest.raises(EffdlError, match="mask_head_lr_scale must be positive"):

@@ -68,7 +68,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 def add_commands(verbs: argparse._SubParsersAction) -> None:
     from effdl.sprnet.model import ALL_BACKBONES, BACKBONES, DETECTORS
     from effdl.sprnet.pretrain import pretrain_backbone
-    from effdl.sprnet.train import DetectionTrainConfig, predict_image
+    from effdl.sprnet.train import FAMILY_LR, DetectionTrainConfig, predict_image
 
     d = config_defaults(DetectionTrainConfig)
     backbones = ", ".join(ALL_BACKBONES)
@@ -81,7 +81,8 @@ def add_commands(verbs: argparse._SubParsersAction) -> None:
     train.add_argument("--val-split", dest="val_split", help=f"(default {d['val_split']}; COCO: val2017)")
     train.add_argument("--shapes-images", dest="shapes_train_images", type=int,
                        help=f"synthetic training images (default {d['shapes_train_images']})")
-    add_epoch_options(train, DetectionTrainConfig)
+    add_epoch_options(train, DetectionTrainConfig, lr_default="per model family: " + ", ".join(
+        f"{family} {lr:g}" for family, lr in FAMILY_LR.items()))
     train.add_argument("--min-size", dest="min_size", type=int,
                        help=f"resize shorter side to (default {d['min_size']})")
     train.add_argument("--max-size", dest="max_size", type=int, help=f"longer side at most (default {d['max_size']})")

@@ -24,12 +24,16 @@ from effdl.core.device import autocast_for, resolve_device
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
 from effdl.sprnet.evaluate import draw_overlay, evaluate_model, save_overlay
-from effdl.sprnet.model import ALL_BACKBONES, ANCHOR_FREE, DETECTORS, build_detector, detector_options
+from effdl.sprnet.model import ALL_BACKBONES, ANCHOR_FREE, DETECTORS, build_detector, detector_family, detector_options
 from effdl.train.batches import EpochOrder
 from effdl.train.checkpoint import latest_checkpoint, read_trainer_state, read_weights, saved_config
 from effdl.train.loop import LoopConfig, TrainResult, TrainTask, fit
 
 TRAINER = "effdl sprnet train"
+# AdamW's peak learning rate per model family when the config gives none: the best the plateau benchmark measured
+# (benchmarks/sprnet_vs_maskrcnn.py, README). RetinaNet's GroupNorm heads stop separating classes at lr >= 5e-4
+# (they learn objectness only), so the RetinaNet family stays at 1e-4.
+FAMILY_LR = {"sprnet": 1e-4, "sprnet_fcos": 3e-4, "retinanet": 1e-4, "maskrcnn": 1e-4}
 
 
 @dataclass
@@ -49,8 +53,7 @@ class DetectionTrainConfig:
     smallest_anchor: int = 16  # pixels of the resized image; torchvision's 32 misses shapes below ~20 px
     epochs: float = 12.0
     batch_size: int = 4
-    # RetinaNet's GroupNorm heads stop separating classes under AdamW at lr >= 5e-4 (they learn objectness only).
-    lr: float = 1e-4
+    lr: float | None = None  # None: the model family's (FAMILY_LR)
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
@@ -87,6 +90,8 @@ class DetectionTrainConfig:
             if option not in detector_options(self.model):
                 raise EffdlError(f"unknown model option {option!r} for {self.model}; it takes "
                                  f"{', '.join(o for o in detector_options(self.model) if o not in own)}")
+        if self.lr is None:
+            self.lr = FAMILY_LR[detector_family(self.model)]
         if self.mask_head_lr_scale != 1.0 and not self.model.startswith("sprnet"):
             raise EffdlError(f"mask_head_lr_scale is for the SPR families (sprnet, sprnet_fcos), not {self.model}")
         for name in ("epochs", "batch_size", "lr", "min_size", "max_size", "smallest_anchor", "mask_head_lr_scale"):
@@ -115,7 +120,7 @@ def _check_categories(dataset: CocoInstances, names: list[str], what: str) -> No
 
 def create_detector(cfg: DetectionTrainConfig, num_classes: int) -> nn.Module:
     extra = {"box_batch_size_per_image": cfg.maskrcnn_rois_per_image} if cfg.model.startswith("maskrcnn") else {}
-    if not cfg.model.startswith(tuple(f"{family}_" for family in ANCHOR_FREE)):
+    if detector_family(cfg.model) not in ANCHOR_FREE:
         extra["smallest_anchor"] = cfg.smallest_anchor
     return build_detector(cfg.model, num_classes, weights_backbone=cfg.weights_backbone, min_size=cfg.min_size,
                           max_size=cfg.max_size, **extra, **cfg.model_options)

@@ -52,13 +52,15 @@ def add_step_options(parser: argparse.ArgumentParser, defaults: dict[str, Any]) 
     add_run_options(parser, defaults)
 
 
-def add_epoch_options(parser: argparse.ArgumentParser, config: type) -> None:
-    """The options of the epoch-based trainers; ``config`` is the trainer's config dataclass."""
+def add_epoch_options(parser: argparse.ArgumentParser, config: type, lr_default: str | None = None) -> None:
+    """The options of the epoch-based trainers; ``config`` is the trainer's config dataclass, ``lr_default`` says
+    what a learning rate of None means in it."""
     defaults = config_defaults(config)
     parser.add_argument("--epochs", type=float, help=f"epochs, fractions allowed (default {defaults['epochs']:g})")
     parser.add_argument("--batch-size", dest="batch_size", type=int,
                         help=f"images per step (default {defaults['batch_size']})")
-    parser.add_argument("--lr", type=float, help=f"AdamW peak learning rate (default {defaults['lr']:g})")
+    parser.add_argument("--lr", type=float,
+                        help=f"AdamW peak learning rate (default {lr_default or format(defaults['lr'], 'g')})")
     add_run_options(parser, defaults)
 
 
