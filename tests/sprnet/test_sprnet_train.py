@@ -41,7 +41,7 @@ def test_resume_is_bit_exact_and_checkpoints_rebuild_the_model(shapes, tmp_path)
     b, cfg, _ = load_detector(tmp_path / "b", device="cpu")  # a run folder loads its newest checkpoint
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
-    assert names == ["circle", "square", "triangle", "ellipse", "star"] and cfg.model == "sprnet_resnet18_fpn"
+    assert names == ["circle", "square", "triangle", "ellipse", "star"] and cfg.model == "sprnet_fcos_resnet18_fpn"
     assert set(resumed.metrics) == {"bbox", "segm"} and 0 <= resumed.metrics["segm"]["AP"] <= 1
     history = json.loads((tmp_path / "b" / "history.json").read_text())
     assert [e["step"] for e in history["evals"]] == [1, 4, 5]  # the interrupted step, every second epoch, the end
