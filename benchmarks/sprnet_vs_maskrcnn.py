@@ -318,7 +318,8 @@ def plot(path: Path = RESULTS / "sprnet_vs_maskrcnn.json") -> None:
 
 
 def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
-    """The ablation report's PNG beside it: validation mask AP and box AP per epoch of every SPR-FCOS run in it."""
+    """The ablation report's PNG beside it: validation mask AP and box AP per epoch of every run in it (SPR-FCOS
+    ablations and their references)."""
     results = load_results(path)
     args = results["args"]
     line_panels(path.with_suffix(".png"),
@@ -331,7 +332,8 @@ def plot_ablation(path: Path = RESULTS / "sprnet_fcos_ablation.json") -> None:
 def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoints: dict[str, Path],
                     args: argparse.Namespace) -> None:
     """<--ablation-name>.json/.png: each SPR-FCOS training ablation's last validation pass and mask quality, and
-    its difference from ``sprnet_fcos`` (their base) trained in the same session; AP per epoch in the plot; any
+    its difference from ``sprnet_fcos`` (their base) trained in the same session; AP per epoch of every run in the
+    plot; any
     baseline runs among ``runs`` as rows of reference (Mask R-CNN at other learning rates, RetinaNet); and
     <--ablation-name>_latency.json: the latency of the runs with a ``LATENCY`` entry, as ratios to the base's
     and, where ``retinanet`` is among ``runs``, to RetinaNet's (the latency target's reference)."""
@@ -349,7 +351,7 @@ def ablation_report(runs: list[str], histories: dict[str, list[dict]], checkpoin
     path = report(args.ablation_name, f"SPR-FCOS training ablations vs their base, {args.image_size}px shapes, "
            f"{args.epochs:g} epochs, one machine", columns, rows,
            extra={"args": vars(args), "metrics": metrics, "mask_quality": quality, "references": baselines,
-                  "history": {run: histories[run] for run in spr_runs}})
+                  "history": {run: histories[run] for run in runs}})
     plot_ablation(path)
     seconds = latency(checkpoints, args.latency_sizes, args.repeat, args.device)  # the runs with a LATENCY entry
     references = [ref for ref in (base, "retinanet") if ref in seconds[args.latency_sizes[0]]]
