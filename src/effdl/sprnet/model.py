@@ -709,10 +709,10 @@ def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Pa
     alone at 10 epochs; with lr 3e-4, ``effdl.sprnet.train.FAMILY_LR``, the 20-epoch mask AP went from 37.6 to
     49.1). ``softplus_distances``: box distances through softplus instead of torchvision's ReLU (``SoftplusConv2d``;
     False only to measure the difference). ``p2_level``: FCOS on P2-P7, so objects under 32 px get stride-4
-    locations as Mask R-CNN's P2 gives them (False: P3-P7, torchvision's FCOS);
-    the head then runs on about four times the locations. ``fpn_channels``: the width of the FPN maps and so of
-    the head towers and the mask head's input (torchvision: 256). The towers' cost goes with its square, so the
-    default half width pays for P2: at 128 channels on P2-P7 the model costs about RetinaNet's FLOPs on P3-P7 at 256.
+    locations as Mask R-CNN's P2 gives them (False: P3-P7, torchvision's FCOS); the head then runs on about four
+    times the locations. ``fpn_channels``: the width of the FPN maps and so of the head towers and the mask head's
+    input (torchvision: 256). The towers' cost goes with its square, so the default half width pays for P2: at 128
+    channels on P2-P7 the model costs about RetinaNet's FLOPs on P3-P7 at 256.
     """
     if fpn_channels <= 0 or fpn_channels % 32:
         raise EffdlError(f"fpn_channels must be a positive multiple of 32 (the towers' GroupNorm has 32 groups), "
