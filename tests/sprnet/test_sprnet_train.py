@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from effdl.cli import main as cli_main
 from effdl.errors import EffdlError
+from effdl.sprnet import model as sprnet_model
 from effdl.sprnet.data import write_shapes_dataset
 from effdl.sprnet.train import FAMILY_LR, DetectionTrainConfig, load_detector, train_detector
 
@@ -67,7 +69,8 @@ def test_cli_train_eval_predict(shapes, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "segm" in out.stdout and "bbox" in out.stdout
     model, cfg, _ = load_detector(run, device="cpu")
-    assert cfg.model_options == {"class_agnostic_masks": True, "mask_size": 16}
+    assert {k: cfg.model_options[k] for k in ("class_agnostic_masks", "mask_size")} == {"class_agnostic_masks": True,
+                                                                                        "mask_size": 16}
     assert model.class_agnostic_masks and model.mask_head.mask_size == 16
     out = effdl("eval", "--checkpoint", str(run))
     assert out.returncode == 0, out.stderr
@@ -143,3 +146,30 @@ def test_a_checkpoint_built_with_other_options_is_refused_by_name_and_loads_with
         load_detector(tmp_path / "run", device="cpu", model_options={})
     model, _, _ = load_detector(tmp_path / "run", device="cpu")
     assert model.backbone.out_channels == 64
+
+
+@pytest.mark.parametrize("name", ["sprnet_resnet18_fpn", "sprnet_fcos_resnet18_fpn", "retinanet_resnet18_fpn"])
+def test_detector_defaults_are_what_the_builder_builds(name):
+    model = sprnet_model.build_detector(name, 3)
+    attributes = {k: v for k, v in sprnet_model.detector_defaults(name).items() if hasattr(model, k)}
+    assert {"detections_per_img", *(["mask_score_thresh"] if "sprnet" in name else [])} <= set(attributes)
+    assert {k: getattr(model, k) for k in attributes} == attributes
+
+
+def test_a_checkpoint_keeps_the_defaults_it_was_trained_with_when_they_change(shapes, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = _config(shapes, run, model="sprnet_fcos_resnet18_fpn", model_options={"mask_size": 16}, max_time_s=0.0)
+    assert cfg.model_options["mask_centre_sampling"] is True and cfg.model_options["mask_size"] == 16
+    assert "weights_backbone" not in cfg.model_options  # the config's own field
+    train_detector(cfg, progress=False)
+    monkeypatch.setitem(sprnet_model.BUILDER_DEFAULTS, "sprnet_fcos",
+                        {**sprnet_model.BUILDER_DEFAULTS["sprnet_fcos"], "mask_centre_sampling": False})
+    assert _config(shapes, run, model="sprnet_fcos_resnet18_fpn").model_options["mask_centre_sampling"] is False
+    model, loaded, _ = load_detector(run, device="cpu")
+    assert model.mask_centre_sampling is True and model.mask_head.mask_size == 16
+    assert loaded.model_options == cfg.model_options
+    # in this process, so that the CLI resumes under the changed default
+    assert cli_main(["sprnet", "train", "--resume", str(run), "--epochs", "1", "--model-option",
+                     "mask_scoring=true"]) == 0
+    _, resumed, _ = load_detector(run, device="cpu")
+    assert resumed.model_options == {**cfg.model_options, "mask_scoring": True}

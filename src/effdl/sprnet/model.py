@@ -674,13 +674,24 @@ def _retinanet_parts(backbone_name: str, num_classes: int, weights_backbone: str
     return {"backbone": backbone, "anchor_generator": anchors, "head": head}
 
 
+# The options each family's builder sets when they are not given, over its class's defaults. torchvision keeps
+# 300 detections per image; 100 is COCO's limit. SPR-FCOS: see ``sprnet_fcos``.
+BUILDER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sprnet": {"detections_per_img": 100},
+    "sprnet_fcos": {"detections_per_img": 100, "score_thresh": 0.05, "mask_score_thresh": 0.3,
+                    "local_mask_features": True, "mask_centre_sampling": True},
+    "retinanet": {"detections_per_img": 100},
+    "maskrcnn": {},
+}
+
+
 def sprnet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None, gated_fpn: bool = True,
            smallest_anchor: int = 32, **kwargs: Any) -> SPRNet:
     """SPRNet on a ResNet- or SOFT-(gated)FPN, P3-P7. ``kwargs`` go to ``SPRNet``/``RetinaNet`` (min_size ...).
 
     ``smallest_anchor``: the P3 anchor size in pixels of the resized image (torchvision: 32); lower it for small images.
     """
-    kwargs.setdefault("detections_per_img", 100)
+    kwargs = {**BUILDER_DEFAULTS["sprnet"], **kwargs}
     _check_padding(backbone_name, kwargs)
     parts = _retinanet_parts(backbone_name, num_classes, weights_backbone, gated_fpn, smallest_anchor)
     return SPRNet(num_classes=num_classes, **parts, **kwargs)
@@ -717,11 +728,7 @@ def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Pa
     if fpn_channels <= 0 or fpn_channels % 32:
         raise EffdlError(f"fpn_channels must be a positive multiple of 32 (the towers' GroupNorm has 32 groups), "
                          f"got {fpn_channels}")
-    kwargs.setdefault("detections_per_img", 100)
-    kwargs.setdefault("score_thresh", 0.05)
-    kwargs.setdefault("mask_score_thresh", 0.3)
-    kwargs.setdefault("local_mask_features", True)
-    kwargs.setdefault("mask_centre_sampling", True)
+    kwargs = {**BUILDER_DEFAULTS["sprnet_fcos"], **kwargs}
     _check_padding(backbone_name, kwargs)
     first = 1 if p2_level else 2  # the first ResNet stage with an FPN level: C2 (stride 4) or C3 (stride 8)
     backbone = fpn_backbone(backbone_name, weights_backbone, returned_layers=list(range(first, 5)),
@@ -738,7 +745,7 @@ def sprnet_fcos(backbone_name: str, num_classes: int, weights_backbone: str | Pa
 def retinanet(backbone_name: str, num_classes: int, weights_backbone: str | Path | None = None,
               smallest_anchor: int = 32, **kwargs: Any) -> RetinaNet:
     """The torchvision RetinaNet baseline on SPRNet's backbone and anchors (plain FPN, P3-P7)."""
-    kwargs.setdefault("detections_per_img", 100)
+    kwargs = {**BUILDER_DEFAULTS["retinanet"], **kwargs}
     _check_padding(backbone_name, kwargs)
     parts = _retinanet_parts(backbone_name, num_classes, weights_backbone, False, smallest_anchor)
     return ForegroundRetinaNet(num_classes=num_classes, **parts, **kwargs)
@@ -771,13 +778,15 @@ DETECTORS: dict[str, Callable[..., nn.Module]] = {
 
 FAMILY_CLASSES: dict[str, type[nn.Module]] = {"sprnet": SPRNet, "sprnet_fcos": SPRFCOS,
                                               "retinanet": ForegroundRetinaNet, "maskrcnn": MaskRCNN}
-_BUILT_FROM_NAME = {"self", "backbone_name", "backbone", "num_classes", "anchor_generator", "head",
-                    "rpn_anchor_generator"}
+# Arguments that are not options: set from the model's name, or modules the builder makes.
+_NOT_OPTIONS = {"self", "backbone_name", "backbone", "num_classes", "anchor_generator", "head",
+                "rpn_anchor_generator", "mask_head"}
 
 
-def _named_parameters(function: Callable[..., Any]) -> set[str]:
-    return {p.name for p in inspect.signature(function).parameters.values()
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+def _named_defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """``function``'s keyword-passable arguments, each with its default (``inspect.Parameter.empty`` if none)."""
+    return {p.name: p.default for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _NOT_OPTIONS}
 
 
 def detector_family(name: str) -> str:
@@ -789,11 +798,28 @@ def detector_options(name: str) -> list[str]:
     """The keyword options a ``DETECTORS`` model accepts beyond its name and class count (mask_size, score_thresh,
     ...): its family builder's, its class's and its torchvision base classes' named arguments."""
     family = detector_family(name)
-    names = _named_parameters(FAMILIES[family])
+    names = set(_named_defaults(FAMILIES[family]))
     for cls in FAMILY_CLASSES[family].__mro__:
         if "__init__" in vars(cls) and cls.__module__.startswith(("effdl", "torchvision")):
-            names |= _named_parameters(cls.__init__)
-    return sorted(names - _BUILT_FROM_NAME)
+            names |= set(_named_defaults(cls.__init__))
+    return sorted(names)
+
+
+def detector_defaults(name: str) -> dict[str, Any]:
+    """The value effdl gives each of a ``DETECTORS`` model's options when it is not passed: its family builder's
+    (``BUILDER_DEFAULTS``, then its signature) over its effdl classes' ``__init__`` defaults.
+
+    torchvision's own defaults are left out: the installed torchvision fixes them. A training config pins these
+    (``DetectionTrainConfig.model_options``), so that a checkpoint resumes and loads as the model it was trained as
+    after a later effdl changes a default.
+    """
+    family = detector_family(name)
+    defaults: dict[str, Any] = {}
+    for cls in reversed(FAMILY_CLASSES[family].__mro__):
+        if "__init__" in vars(cls) and cls.__module__.startswith("effdl"):
+            defaults |= _named_defaults(cls.__init__)
+    defaults |= _named_defaults(FAMILIES[family]) | BUILDER_DEFAULTS[family]
+    return {option: value for option, value in defaults.items() if value is not inspect.Parameter.empty}
 
 
 def build_detector(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

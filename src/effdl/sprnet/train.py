@@ -24,7 +24,15 @@ from effdl.core.device import autocast_for, resolve_device
 from effdl.errors import EffdlError
 from effdl.sprnet.data import CocoInstances, collate, load_image, write_shapes_dataset
 from effdl.sprnet.evaluate import draw_overlay, evaluate_model, save_overlay
-from effdl.sprnet.model import ALL_BACKBONES, ANCHOR_FREE, DETECTORS, build_detector, detector_family, detector_options
+from effdl.sprnet.model import (
+    ALL_BACKBONES,
+    ANCHOR_FREE,
+    DETECTORS,
+    build_detector,
+    detector_defaults,
+    detector_family,
+    detector_options,
+)
 from effdl.train.batches import EpochOrder
 from effdl.train.checkpoint import latest_checkpoint, read_trainer_state, read_weights, saved_config
 from effdl.train.loop import LoopConfig, TrainResult, TrainTask, fit
@@ -35,6 +43,14 @@ TRAINER = "effdl sprnet train"
 # RetinaNet's GroupNorm heads stop separating classes at lr >= 5e-4 (they learn objectness only), so the RetinaNet
 # family stays at 1e-4.
 FAMILY_LR = {"sprnet": 1e-4, "sprnet_fcos": 3e-4, "retinanet": 1e-4, "maskrcnn": 3e-4}
+
+
+# Model options the config sets from its own fields (create_detector)
+_CONFIG_FIELDS = {"weights_backbone", "min_size", "max_size", "smallest_anchor", "box_batch_size_per_image"}
+
+
+def _pinned_defaults(model: str) -> dict[str, Any]:
+    return {k: v for k, v in detector_defaults(model).items() if k not in _CONFIG_FIELDS}
 
 
 @dataclass
@@ -69,7 +85,8 @@ class DetectionTrainConfig:
     # SPR families only: the mask head's learning rate as a multiple of ``lr`` (it starts from scratch, and at 1x
     # its loss is barely under a mean-mask predictor's after 4 epochs of the plateau benchmark).
     mask_head_lr_scale: float = 1.0
-    # Keyword arguments for the model's builder (e.g. SPRNet's ``mask_size``); must be ones it accepts.
+    # Keyword arguments for the model's builder (e.g. SPRNet's ``mask_size``); must be ones it accepts. Every option
+    # effdl chooses a default for is added with that default (``detector_defaults``), so a checkpoint records them.
     model_options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     eval_images: int = 0  # 0 = the whole validation split
@@ -86,13 +103,14 @@ class DetectionTrainConfig:
         if self.model not in DETECTORS:
             raise EffdlError(f"unknown model {self.model!r}; choose maskrcnn, retinanet or one of "
                              f"{', '.join(DETECTORS)}")
-        own = {"weights_backbone", "min_size", "max_size", "smallest_anchor", "box_batch_size_per_image"}
         for option in self.model_options:
-            if option in own:
+            if option in _CONFIG_FIELDS:
                 raise EffdlError(f"model option {option!r} is set by the config itself; use its own field")
             if option not in detector_options(self.model):
                 raise EffdlError(f"unknown model option {option!r} for {self.model}; it takes "
-                                 f"{', '.join(o for o in detector_options(self.model) if o not in own)}")
+                                 f"{', '.join(o for o in detector_options(self.model) if o not in _CONFIG_FIELDS)}")
+        # pinned, as lr is below: a checkpoint resumes and loads as trained after a later effdl changes a default
+        self.model_options = {**_pinned_defaults(self.model), **self.model_options}
         if self.lr is None:
             self.lr = FAMILY_LR[detector_family(self.model)]
         if self.mask_head_lr_scale != 1.0 and not self.model.startswith("sprnet"):
@@ -195,8 +213,10 @@ def load_weights(model: nn.Module, folder: Path, cfg: DetectionTrainConfig, devi
         model.load_state_dict(read_weights(folder, device))
     except RuntimeError as e:  # missing, unexpected or reshaped weights
         detail = (str(e).split("\n\t")[1:2] or [str(e)])[0][:200]
-        raise EffdlError(f"{folder} does not fit {cfg.model} with model options {cfg.model_options} as this version "
-                         f"builds it ({detail}). A checkpoint trained under other defaults loads with the options it "
+        defaults = _pinned_defaults(cfg.model)
+        chosen = {k: v for k, v in cfg.model_options.items() if k not in defaults or defaults[k] != v}
+        raise EffdlError(f"{folder} does not fit {cfg.model} with model options {chosen} over this version's "
+                         f"defaults ({detail}). A checkpoint trained under other defaults loads with the options it "
                          f"was trained with: load_detector(path, model_options={{...}})") from None
 
 
