@@ -112,8 +112,7 @@ OPTIONAL_RUNS = ("sprnet_fcos-plain", "sprnet_fcos-agnostic", "sprnet_fcos-mask6
                  "sprnet_fcos-relu", "sprnet_fcos-masklr10", "sprnet_fcos-predframes",
                  "sprnet_fcos-maskw4", "sprnet_fcos-p2", "sprnet_fcos-predframes-frame1.5",
                  "sprnet_fcos-iouq", "sprnet_fcos-local", "sprnet_fcos-p2-local", "sprnet_fcos-p2-local-fpn96",
-                 "sprnet_fcos-radius2.5", "sprnet_fcos-lr2e-4", "sprnet_fcos-lr3e-4",
-                 "maskrcnn-lr3e-4", "sprnet_fcos-maskcentre")
+                 "sprnet_fcos-radius2.5", "sprnet_fcos-lr2e-4", "sprnet_fcos-lr3e-4", "sprnet_fcos-maskcentre")
 DEFAULT_RUNS = tuple(run for run in RUNS if run not in OPTIONAL_RUNS)
 # inference-time options, evaluated on every trained SPR run without retraining (on top of the model's defaults)
 INFERENCE_OPTIONS: dict[str, dict] = {
