@@ -789,6 +789,16 @@ def _named_defaults(function: Callable[..., Any]) -> dict[str, Any]:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in _NOT_OPTIONS}
 
 
+def _family_arguments(family: str, modules: tuple[str, ...]) -> dict[str, Any]:
+    """The named arguments, each with its default, of ``family``'s builder over those of its class's ``__init__``s
+    defined in ``modules`` (base classes first, so a subclass's default wins over its base's)."""
+    arguments: dict[str, Any] = {}
+    for cls in reversed(FAMILY_CLASSES[family].__mro__):
+        if "__init__" in vars(cls) and cls.__module__.startswith(modules):
+            arguments |= _named_defaults(cls.__init__)
+    return arguments | _named_defaults(FAMILIES[family])
+
+
 def detector_family(name: str) -> str:
     """The ``FAMILIES`` key of a ``DETECTORS`` name: ``sprnet_fcos`` for ``sprnet_fcos_resnet18_fpn``."""
     return next(f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f"{f}_"))
@@ -797,12 +807,7 @@ def detector_family(name: str) -> str:
 def detector_options(name: str) -> list[str]:
     """The keyword options a ``DETECTORS`` model accepts beyond its name and class count (mask_size, score_thresh,
     ...): its family builder's, its class's and its torchvision base classes' named arguments."""
-    family = detector_family(name)
-    names = set(_named_defaults(FAMILIES[family]))
-    for cls in FAMILY_CLASSES[family].__mro__:
-        if "__init__" in vars(cls) and cls.__module__.startswith(("effdl", "torchvision")):
-            names |= set(_named_defaults(cls.__init__))
-    return sorted(names)
+    return sorted(_family_arguments(detector_family(name), ("effdl", "torchvision")))
 
 
 def detector_defaults(name: str) -> dict[str, Any]:
@@ -814,11 +819,7 @@ def detector_defaults(name: str) -> dict[str, Any]:
     after a later effdl changes a default.
     """
     family = detector_family(name)
-    defaults: dict[str, Any] = {}
-    for cls in reversed(FAMILY_CLASSES[family].__mro__):
-        if "__init__" in vars(cls) and cls.__module__.startswith("effdl"):
-            defaults |= _named_defaults(cls.__init__)
-    defaults |= _named_defaults(FAMILIES[family]) | BUILDER_DEFAULTS[family]
+    defaults = _family_arguments(family, ("effdl",)) | BUILDER_DEFAULTS[family]
     return {option: value for option, value in defaults.items() if value is not inspect.Parameter.empty}
 
 
